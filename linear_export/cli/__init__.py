@@ -1,0 +1,35 @@
+"""`linear-export`: one click group; each command lives in its own module."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..errors import UserError
+
+
+class Group(click.Group):
+    """Turns a UserError into one sentence on stderr and exit code 2, with no traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="linear-export")
+def main() -> None:
+    """Export autoregressive image generators with a small, fixed-capacity KV cache (LineAR)."""
+
+
+def _register() -> None:
+    from .generate import generate
+
+    main.add_command(generate)
+
+
+_register()

@@ -1,0 +1,87 @@
+"""Options shared by several commands (model, policy, sampling), and their parsing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import click
+
+from ..errors import UserError
+from ..models import DTYPES, GPT_CONFIGS
+from ..models.configs import SequenceLayout
+from ..runtime.budget import BUDGET_HELP, parse_budget
+from ..runtime.policies import POLICIES, Policy, PolicyConfig
+
+
+def compose(*decorators: Callable) -> Callable:
+    def apply(function: Callable) -> Callable:
+        for decorator in reversed(decorators):
+            function = decorator(function)
+        return function
+
+    return apply
+
+
+model_options = compose(
+    click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+                 help="LlamaGen GPT checkpoint (.pt or .safetensors); omit with --random-weights."),
+    click.option("--model", "model_name", default="GPT-B", show_default=True,
+                 help=f"Model config: {', '.join(GPT_CONFIGS)}."),
+    click.option("--random-weights", is_flag=True,
+                 help="Use seeded random weights instead of a checkpoint (benchmarks, tests)."),
+    click.option("--image-size", type=int, default=256, show_default=True,
+                 help="Image side in pixels (grid = image size / the tokenizer's stride)."),
+    click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True,
+                 help="Model and cache precision."),
+    click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda."),
+)
+
+policy_options = compose(
+    click.option("--policy", default="linear", show_default=True,
+                 help=f"KV cache policy: {', '.join(POLICIES)}."),
+    click.option("--budget", default="1/4", show_default=True,
+                 help=f"Cache budget: {BUDGET_HELP}."),
+    click.option("--recent-lines", type=int, default=PolicyConfig.recent_lines, show_default=True,
+                 help="linear: newest whole lines always kept."),
+    click.option("--anchor", type=int, default=PolicyConfig.anchor, show_default=True,
+                 help="linear: first image tokens always kept."),
+    click.option("--granularity", type=click.Choice(["head", "layer"]),
+                 default=PolicyConfig.granularity, show_default=True,
+                 help="linear/h2o: choose tokens per (layer, head) or per layer."),
+    click.option("--cfg-share/--no-cfg-share", default=PolicyConfig.cfg_share, show_default=True,
+                 help="Cond and uncond rows share one selection."),
+    click.option("--score-queries", type=int, default=PolicyConfig.score_queries,
+                 show_default=True,
+                 help="linear: score with the finished line's last k queries (0: all)."),
+    click.option("--sinks", type=int, default=PolicyConfig.sinks, show_default=True,
+                 help="streaming: first image tokens always kept."),
+    click.option("--recent-tokens", type=int, default=None,
+                 help="h2o: recent window in tokens [default: half the budget]."),
+)
+
+
+def build_policy(layout: SequenceLayout, policy: str, budget: str, **knobs: object) -> Policy:
+    if policy not in POLICIES:
+        raise UserError(f"Unknown policy '{policy}'; choose one of: {', '.join(POLICIES)}.")
+    for name in ("recent_lines", "anchor", "score_queries", "sinks", "recent_tokens"):
+        value = knobs.get(name)
+        if value is not None and value < 0:
+            raise UserError(f"--{name.replace('_', '-')} {value} is negative; give 0 or more.")
+    tokens = None if policy == "full" else parse_budget(budget, layout)
+    return Policy(PolicyConfig(name=policy, budget=tokens, **knobs), layout)
+
+
+def parse_classes(text: str, num_classes: int) -> list[int]:
+    """'207,360' -> [207, 360], each within the model's classes."""
+    try:
+        classes = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise UserError(f"--classes '{text}' is not a comma-separated list of class ids such as "
+                        "207,360,387.") from None
+    if not classes:
+        raise UserError("--classes is empty; give at least one class id such as 207.")
+    for class_id in classes:
+        if not 0 <= class_id < num_classes:
+            raise UserError(f"Class id {class_id} is out of range; this model has classes "
+                            f"0..{num_classes - 1}.")
+    return classes

@@ -1,0 +1,217 @@
+"""LlamaGen's class-conditional GPT with an explicit, fixed-capacity KV cache.
+
+State-dict keys match the official checkpoints exactly. Two forwards:
+- `step()`: the decode-step contract of DESIGN.md (one graph for prefill and decode);
+- `forward()`: plain causal full attention over a whole sequence, the teacher-forced reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configs import GPTConfig, SequenceLayout
+from .rope import apply_rope, rope_table_2d
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.ffn_hidden, bias=False)
+        self.w3 = nn.Linear(config.dim, config.ffn_hidden, bias=False)
+        self.w2 = nn.Linear(config.ffn_hidden, config.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        qkv_dim = (self.n_head + 2 * self.n_kv_head) * self.head_dim
+        self.wqkv = nn.Linear(config.dim, qkv_dim, bias=False)
+        self.wo = nn.Linear(self.n_head * self.head_dim, config.dim, bias=False)
+
+    def project(self, x: torch.Tensor, cos_sin: torch.Tensor):
+        """q [B, H, T, D], k and v [B, Hkv, T, D]; q and k after RoPE."""
+        batch, steps, _ = x.shape
+        q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        q = apply_rope(q.view(batch, steps, self.n_head, self.head_dim), cos_sin)
+        k = apply_rope(k.view(batch, steps, self.n_kv_head, self.head_dim), cos_sin)
+        v = v.view(batch, steps, self.n_kv_head, self.head_dim)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def step(
+        self,
+        x: torch.Tensor,
+        cos_sin: torch.Tensor,
+        past_key: torch.Tensor,
+        past_value: torch.Tensor,
+        live: torch.Tensor,
+    ):
+        """Attend over live cache slots plus this step's own tokens (causal among them).
+
+        Returns the block output, this step's k and v, and the attention mass per past slot.
+        Query heads are grouped by the kv head they share, so the cache is never repeated.
+        """
+        batch, steps, _ = x.shape
+        group = self.n_head // self.n_kv_head
+        q, k, v = self.project(x, cos_sin)
+        q = q.reshape(batch, self.n_kv_head, group * steps, self.head_dim)
+        scale = 1.0 / math.sqrt(self.head_dim)
+        past_scores = ((q * scale) @ past_key.transpose(-1, -2)).float()  # [B, Hkv, G*T, C]
+        past_scores = past_scores.masked_fill(~live.view(live.shape[0], 1, 1, -1), -math.inf)
+        own_scores = ((q * scale) @ k.transpose(-1, -2)).float()  # [B, Hkv, G*T, T]
+        causal = torch.ones(steps, steps, dtype=torch.bool, device=x.device).tril()
+        own_scores = own_scores.masked_fill(~causal.repeat(group, 1), -math.inf)
+        probs = torch.softmax(torch.cat([past_scores, own_scores], dim=-1), dim=-1)
+        capacity = past_key.shape[-2]
+        past_probs, own_probs = probs[..., :capacity], probs[..., capacity:]
+        out = past_probs.to(v.dtype) @ past_value + own_probs.to(v.dtype) @ v
+        out = out.view(batch, self.n_head, steps, self.head_dim).transpose(1, 2)
+        mass = past_probs.view(batch, self.n_head, steps, capacity).sum(dim=2)
+        return self.wo(out.reshape(batch, steps, -1)), k, v, mass
+
+    def full(self, x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+        """Plain causal self-attention over the whole sequence (no cache)."""
+        batch, steps, _ = x.shape
+        q, k, v = self.project(x, cos_sin)
+        group = self.n_head // self.n_kv_head
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(out.transpose(1, 2).reshape(batch, steps, -1))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.attention = Attention(config)
+        self.feed_forward = FeedForward(config)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+
+
+class LabelEmbedding(nn.Module):
+    """Class embedding table; the last row is the null class used for CFG."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.embedding_table = nn.Embedding(config.class_rows, config.dim)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig, layout: SequenceLayout):
+        super().__init__()
+        self.config, self.layout = config, layout
+        self.cls_embedding = LabelEmbedding(config)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        rope = rope_table_2d(layout, config.head_dim, config.rope_base)
+        self.register_buffer("rope", rope, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # .half()/.to(dtype) must move the RoPE table but keep it float32, as the original does.
+        rope = self.rope
+        super()._apply(fn, recurse)
+        self.rope = rope.to(self.rope.device)
+        return self
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Image tokens from tok_embeddings; ids >= vocab are class tokens (vocab + class)."""
+        vocab = self.config.vocab_size
+        is_class = (input_ids >= vocab).unsqueeze(-1)
+        tokens = self.tok_embeddings(input_ids.clamp(max=vocab - 1))
+        classes = self.cls_embedding.embedding_table((input_ids - vocab).clamp(min=0))
+        return torch.where(is_class, classes, tokens)
+
+    def step(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        past_key: torch.Tensor,
+        past_value: torch.Tensor,
+        cache_len: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One decode step (DESIGN.md contract).
+
+        input_ids, position_ids [B, T]; past_key/past_value [L, B, Hkv, C, D]; cache_len [] or
+        [B]. Returns logits [B, V] float32, present_key/present_value [L, B, Hkv, T, D] and
+        attn_mass [L, B, H, C] float32.
+        """
+        capacity = past_key.shape[3]
+        live = torch.arange(capacity, device=input_ids.device) < cache_len.reshape(-1, 1)
+        cos_sin = self.rope[position_ids]
+        h = self.embed(input_ids)
+        keys, values, masses = [], [], []
+        for index, layer in enumerate(self.layers):
+            attn_out, k, v, mass = layer.attention.step(
+                layer.attention_norm(h), cos_sin, past_key[index], past_value[index], live
+            )
+            h = h + attn_out
+            h = h + layer.feed_forward(layer.ffn_norm(h))
+            keys.append(k)
+            values.append(v)
+            masses.append(mass)
+        logits = self.output(self.norm(h[:, -1])).float()
+        return logits, torch.stack(keys), torch.stack(values), torch.stack(masses)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None):
+        """Teacher-forced logits [B, T, V] with plain causal full attention."""
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
+            position_ids = position_ids.expand_as(input_ids)
+        cos_sin = self.rope[position_ids]
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = h + layer.attention.full(layer.attention_norm(h), cos_sin)
+            h = h + layer.feed_forward(layer.ffn_norm(h))
+        return self.output(self.norm(h)).float()
+
+
+class StepModule(nn.Module):
+    """The step as a module whose forward is the graph to export; optionally without scores."""
+
+    def __init__(self, model: GPT, with_scores: bool = True):
+        super().__init__()
+        self.model, self.with_scores = model, with_scores
+
+    def forward(self, input_ids, position_ids, past_key, past_value, cache_len):
+        logits, present_key, present_value, attn_mass = self.model.step(
+            input_ids, position_ids, past_key, past_value, cache_len
+        )
+        if self.with_scores:
+            return logits, present_key, present_value, attn_mass
+        return logits, present_key, present_value
+
+
+def init_weights(model: GPT, seed: int = 0, std: float = 0.02) -> GPT:
+    """Deterministic random weights (normal std 0.02, norms at 1), for tests and benchmarks."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+    return model

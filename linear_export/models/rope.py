@@ -1,0 +1,37 @@
+"""LlamaGen's 2D RoPE: image rows rotate the first half of a head, columns the second half."""
+
+from __future__ import annotations
+
+import torch
+
+from .configs import SequenceLayout
+
+
+def rope_table_2d(layout: SequenceLayout, head_dim: int, base: float) -> torch.Tensor:
+    """cos/sin table [P + h*w, head_dim/2, 2] in float32; the P prefix rows are all zero.
+
+    Zero rows (cos = sin = 0) make the prefix tokens' q and k exactly zero, as in LlamaGen:
+    only their values matter.
+    """
+    half = head_dim // 2
+    freqs = 1.0 / (base ** (torch.arange(0, half, 2)[: half // 2].float() / half))
+    rows = torch.arange(layout.height).float()
+    cols = torch.arange(layout.width).float()
+    row_angles = torch.outer(rows, freqs)[:, None, :].expand(-1, layout.width, -1)
+    col_angles = torch.outer(cols, freqs)[None, :, :].expand(layout.height, -1, -1)
+    angles = torch.cat([row_angles, col_angles], dim=-1).flatten(0, 1)  # [h*w, half]
+    table = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
+    return torch.cat([torch.zeros(layout.prefix, half, 2), table])
+
+
+def apply_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, T, H, D] by cos_sin [B, T, D/2, 2].
+
+    Computed in float32 and cast back, as the original does.
+    """
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+    cos = cos_sin[..., 0].unsqueeze(2)  # broadcast over heads
+    sin = cos_sin[..., 1].unsqueeze(2)
+    real = pairs[..., 0] * cos - pairs[..., 1] * sin
+    imag = pairs[..., 1] * cos + pairs[..., 0] * sin
+    return torch.stack([real, imag], dim=-1).flatten(3).type_as(x)

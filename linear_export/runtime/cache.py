@@ -1,0 +1,87 @@
+"""The fixed-capacity KV cache pool: allocate once, append at cache_len, gather-and-compact."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def kv_bytes(
+    n_layer: int, batch: int, n_kv_head: int, capacity: int, head_dim: int, dtype: torch.dtype
+) -> int:
+    """Bytes of keys plus values: 2 * n_layer * B * n_kv_head * C * head_dim * bytes_per_elem."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * n_layer * batch * n_kv_head * capacity * head_dim * element
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    n_layer: int
+    batch: int  # rows, CFG's uncond rows included
+    n_kv_head: int
+    capacity: int
+    head_dim: int
+
+    def nbytes(self, dtype: torch.dtype) -> int:
+        return kv_bytes(self.n_layer, self.batch, self.n_kv_head, self.capacity, self.head_dim,
+                        dtype)
+
+
+class KVCache:
+    """Keys (post-RoPE) and values [L, B, Hkv, C, D], plus the sequence position each slot holds.
+
+    Slots [0, cache_len) are live and `cache_len` is the same for every (layer, row, head):
+    every eviction keeps the same number of slots everywhere and compacts them to the front,
+    so new tokens always land at `cache_len`.
+    """
+
+    def __init__(self, shape: CacheShape, dtype: torch.dtype, device: str | torch.device = "cpu"):
+        self.shape, self.dtype = shape, dtype
+        dims = (shape.n_layer, shape.batch, shape.n_kv_head, shape.capacity)
+        self.key = torch.zeros(*dims, shape.head_dim, dtype=dtype, device=device)
+        self.value = torch.zeros_like(self.key)
+        self.positions = torch.full(dims, -1, dtype=torch.long, device=device)
+        self.cache_len = 0
+        self.peak_len = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.shape.capacity
+
+    @property
+    def nbytes(self) -> int:
+        """Allocated K/V bytes (the whole capacity, live or not)."""
+        return self.shape.nbytes(self.dtype)
+
+    def cache_len_tensor(self) -> torch.Tensor:
+        return torch.tensor(self.cache_len, dtype=torch.long, device=self.key.device)
+
+    def append(
+        self, present_key: torch.Tensor, present_value: torch.Tensor, positions: torch.Tensor
+    ) -> None:
+        """Write a step's new keys/values [L, B, Hkv, T, D] into slots [cache_len, cache_len+T)."""
+        steps = present_key.shape[3]
+        end = self.cache_len + steps
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache overflow: {end} slots needed, capacity {self.capacity}")
+        self.key[:, :, :, self.cache_len:end].copy_(present_key)
+        self.value[:, :, :, self.cache_len:end].copy_(present_value)
+        self.positions[:, :, :, self.cache_len:end] = positions.to(self.positions.device)
+        self.cache_len = end
+        self.peak_len = max(self.peak_len, end)
+
+    def compact(self, keep: torch.Tensor, *per_slot: torch.Tensor) -> None:
+        """Keep slots `keep` [L, B, Hkv, K] (indices into the live slots), moved to the front.
+
+        `per_slot` tensors [L, B, Hkv, C] (e.g. accumulated scores) are compacted the same way,
+        in place. One gather per tensor; runs once per image line, not per step.
+        """
+        kept = keep.shape[-1]
+        index = keep.unsqueeze(-1).expand(-1, -1, -1, -1, self.shape.head_dim)
+        for cache in (self.key, self.value):
+            cache[:, :, :, :kept] = torch.gather(cache[:, :, :, : self.cache_len], 3, index)
+        for tensor in (self.positions, *per_slot):
+            tensor[..., :kept] = torch.gather(tensor[..., : self.cache_len], 3, keep)
+            tensor[..., kept:] = -1 if tensor is self.positions else 0
+        self.cache_len = kept

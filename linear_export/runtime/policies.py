@@ -1,0 +1,146 @@
+"""Eviction policies: which cache slots to keep at a line end.
+
+Every policy is a priority over the live slots (higher is kept, +inf always kept) and a
+number of slots to keep; the same top-k then serves all of them. Priorities are pure
+functions of slot positions and attention scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UserError
+from ..models.configs import SequenceLayout
+
+POLICIES = ("full", "linear", "streaming", "h2o", "window")
+ALWAYS = float("inf")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """A policy and its knobs; `budget` is in image tokens (see budget.parse_budget)."""
+
+    name: str = "linear"
+    budget: int | None = None  # None: the whole image (no eviction)
+    recent_lines: int = 1  # linear: newest whole lines always kept
+    anchor: int = 0  # linear: first image tokens always kept
+    granularity: str = "head"  # linear/h2o: select per (layer, head) or per layer
+    cfg_share: bool = False  # cond and uncond rows share one selection
+    score_queries: int = 0  # linear: score with the line's last k queries (0: all of them)
+    sinks: int = 4  # streaming: first image tokens always kept (attention sinks)
+    recent_tokens: int | None = None  # h2o: recent window (None: half the budget)
+
+
+class Policy:
+    """A validated policy bound to a sequence layout."""
+
+    def __init__(self, config: PolicyConfig, layout: SequenceLayout):
+        if config.name not in POLICIES:
+            known = ", ".join(POLICIES)
+            raise UserError(f"Unknown policy '{config.name}'; choose one of: {known}.")
+        if config.granularity not in ("head", "layer"):
+            raise UserError(f"Unknown granularity '{config.granularity}'; use head or layer.")
+        self.config, self.layout = config, layout
+        width = layout.width
+        budget = layout.image_tokens if config.budget is None else config.budget
+        self.budget = min(budget, layout.image_tokens)
+        if config.name == "full":
+            self.budget = layout.image_tokens
+        if self.budget < 1:
+            raise UserError("The budget keeps no image tokens; give at least one line.")
+        if config.name == "linear" and config.anchor + config.recent_lines * width > self.budget:
+            raise UserError(
+                f"Budget {self.budget} tokens is smaller than the {config.recent_lines} recent "
+                f"lines ({config.recent_lines * width} tokens) plus {config.anchor} anchor tokens "
+                "it must keep; raise --budget or lower --recent-lines/--anchor."
+            )
+        if config.name == "window":
+            if self.budget < width:
+                raise UserError(f"The window policy keeps whole lines, but the budget "
+                                f"{self.budget} is less than one line ({width} tokens).")
+            self.budget = self.budget // width * width
+        if config.name == "streaming" and config.sinks >= self.budget:
+            raise UserError(f"--sinks {config.sinks} leaves no room for recent tokens in a "
+                            f"budget of {self.budget}; lower --sinks or raise --budget.")
+        self.recent_tokens = (
+            config.recent_tokens if config.recent_tokens is not None else self.budget // 2
+        )
+        if config.name == "h2o" and not 0 <= self.recent_tokens <= self.budget:
+            raise UserError(f"The H2O recent window ({self.recent_tokens}) must lie within the "
+                            f"budget ({self.budget}).")
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def evicts(self) -> bool:
+        return self.budget < self.layout.image_tokens
+
+    @property
+    def capacity(self) -> int:
+        """Cache slots needed: prefix + budget + the line in flight, never above the full cache."""
+        layout = self.layout
+        if not self.evicts:
+            return layout.length
+        return min(layout.prefix + self.budget + layout.width, layout.length)
+
+    @property
+    def score_mode(self) -> str | None:
+        """'line': mass from the just-finished line; 'cumulative': summed over all steps."""
+        return {"linear": "line", "h2o": "cumulative"}.get(self.name) if self.evicts else None
+
+    def needs_scores(self, image_index: int) -> bool:
+        """Whether the step whose query is image token `image_index` must report attn_mass."""
+        if self.score_mode == "cumulative":
+            return True
+        if self.score_mode != "line":
+            return False
+        width = self.layout.width
+        line = image_index // width
+        evicts_at_line_end = (line + 1) * width > self.budget
+        queries = self.config.score_queries or width
+        return evicts_at_line_end and image_index % width >= width - queries
+
+    def select(
+        self, positions: torch.Tensor, scores: torch.Tensor | None, finished_line: int, cfg: bool
+    ) -> torch.Tensor | None:
+        """Slots to keep [L, B, Hkv, K] among the live ones (ascending), or None to keep all.
+
+        positions: the sequence position each live slot holds, [L, B, Hkv, n];
+        scores: attention mass per live slot (same shape), for score-based policies.
+        """
+        layout = self.layout
+        if positions.shape[-1] - layout.prefix <= self.budget:
+            return None
+        image_index = (positions - layout.prefix).float()
+        newest = (finished_line + 1) * layout.width - 1
+        if self.name == "linear":
+            keep_always = (image_index < self.config.anchor) | (
+                image_index > newest - self.config.recent_lines * layout.width
+            )
+            priority = self.shared(scores, cfg)
+        elif self.name == "h2o":
+            keep_always = image_index > newest - self.recent_tokens
+            priority = self.shared(scores, cfg)
+        elif self.name == "streaming":
+            keep_always = image_index < self.config.sinks
+            priority = image_index
+        else:  # window: the newest whole lines
+            keep_always = torch.zeros_like(image_index, dtype=torch.bool)
+            priority = image_index
+        priority = priority.masked_fill(keep_always | (image_index < 0), ALWAYS)
+        keep = torch.topk(priority, layout.prefix + self.budget, dim=-1, sorted=False).indices
+        return keep.sort(dim=-1).values
+
+    def shared(self, scores: torch.Tensor, cfg: bool) -> torch.Tensor:
+        """Scores pooled over the dimensions that share one selection (heads, CFG halves)."""
+        if self.config.granularity == "layer":
+            scores = scores.sum(dim=2, keepdim=True).expand_as(scores)
+        if cfg and self.config.cfg_share:
+            cond, uncond = scores.chunk(2, dim=1)
+            pooled = cond + uncond
+            scores = torch.cat([pooled, pooled], dim=1)
+        return scores

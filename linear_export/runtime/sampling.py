@@ -1,0 +1,67 @@
+"""Classifier-free guidance and token sampling (temperature, top-k, top-p) on the logits' device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    cfg_scale: float = 4.0  # 1.0 (or less) disables CFG: no uncond rows at all
+    temperature: float = 1.0  # 0: greedy argmax
+    top_k: int = 2000  # 0: off
+    top_p: float = 1.0  # 1.0: off
+
+    def __post_init__(self) -> None:
+        if self.cfg_scale < 0:
+            raise UserError(f"--cfg-scale {self.cfg_scale} is negative; use 1.0 for no guidance "
+                            "or a value such as 4.0.")
+        if self.temperature < 0:
+            raise UserError(f"--temperature {self.temperature} is negative; use 0 for greedy or "
+                            "a positive value such as 1.0.")
+        if self.top_k < 0:
+            raise UserError(f"--top-k {self.top_k} is negative; use 0 to disable it.")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p {self.top_p} is outside (0, 1]; use 1.0 to disable it.")
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.cfg_scale > 1.0
+
+
+def guide(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """Rows are [cond; uncond]: uncond + (cond - uncond) * scale, as LlamaGen does."""
+    cond, uncond = logits.chunk(2, dim=0)
+    return uncond + (cond - uncond) * cfg_scale
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set to -inf what top-k (below the k-th largest) and then top-p (outside the nucleus) drop."""
+    logits = logits.clone()
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # Drop a token when the tokens before it already cover top_p; the first always stays.
+        drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) > top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, -torch.inf)
+    return logits
+
+
+def sample(
+    logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None
+) -> torch.Tensor:
+    """One token per row of logits [B, V] (already guided)."""
+    if config.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = filter_top_k_top_p(logits / max(config.temperature, 1e-5), config.top_k,
+                                config.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,107 @@
+"""GPT.step (explicit cache) against the plain full-attention forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from linear_export.models import GPT
+
+from conftest import tiny_model
+
+
+def random_sequence(model: GPT, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    config, layout = model.config, model.layout
+    ids = torch.randint(0, config.vocab_size, (batch, layout.length))
+    ids[:, 0] = config.vocab_size + torch.arange(batch) % config.class_rows
+    positions = torch.arange(layout.length).expand(batch, -1)
+    return ids, positions
+
+
+def run_steps(model: GPT, ids, positions, chunks, capacity, garbage=0.0):
+    """Feed `chunks` step lengths through step(), writing presents like the host does."""
+    config = model.config
+    batch = ids.shape[0]
+    shape = (config.n_layer, batch, config.kv_heads, capacity, config.head_dim)
+    past_key = torch.full(shape, garbage)
+    past_value = torch.full(shape, garbage)
+    start, outputs = 0, []
+    for steps in chunks:
+        out = model.step(ids[:, start:start + steps], positions[:, start:start + steps],
+                         past_key, past_value, torch.tensor(start))
+        past_key[:, :, :, start:start + steps] = out[1]
+        past_value[:, :, :, start:start + steps] = out[2]
+        outputs.append(out)
+        start += steps
+    return outputs
+
+
+@pytest.mark.parametrize("name", ["GPT-tiny", "GPT-tiny-gqa"])
+@pytest.mark.parametrize("prefill", [1, 3])
+def test_step_reproduces_full_attention(name: str, prefill: int) -> None:
+    model = tiny_model(name)
+    ids, positions = random_sequence(model, batch=3)
+    length = model.layout.length
+    with torch.no_grad():
+        reference = model(ids, positions)
+        chunks = [prefill] + [1] * (length - prefill)
+        # Garbage in dead slots must not leak into the result.
+        outputs = run_steps(model, ids, positions, chunks, capacity=length + 2, garbage=1e4)
+    ends = [prefill - 1 + i for i in range(len(chunks))]
+    for end, out in zip(ends, outputs, strict=True):
+        torch.testing.assert_close(out[0], reference[:, end], atol=1e-4, rtol=0)
+
+
+def test_present_shapes_and_attention_mass() -> None:
+    model = tiny_model("GPT-tiny-gqa")
+    config = model.config
+    ids, positions = random_sequence(model, batch=2)
+    with torch.no_grad():
+        outputs = run_steps(model, ids, positions, [3, 2, 1], capacity=9, garbage=5.0)
+    logits, present_key, present_value, mass = outputs[1]
+    assert logits.shape == (2, config.vocab_size) and logits.dtype == torch.float32
+    assert present_key.shape == (config.n_layer, 2, config.kv_heads, 2, config.head_dim)
+    assert present_value.shape == present_key.shape
+    assert mass.shape == (config.n_layer, 2, config.n_head, 9)
+    # Slots 0..2 are live: they get mass; dead slots get none.
+    assert torch.all(mass[..., 3:] == 0)
+    assert torch.all(mass[..., :3] > 0)
+    # Each of the 2 queries spends < 1 on the past (the rest goes to its own tokens).
+    total = mass.sum(-1)
+    assert torch.all(total < 2) and torch.all(total > 0)
+
+
+def test_prefill_past_keys_are_zero_for_the_class_token() -> None:
+    model = tiny_model()
+    ids, positions = random_sequence(model, batch=2)
+    with torch.no_grad():
+        (out,) = run_steps(model, ids, positions, [1], capacity=4)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))  # keys after zero RoPE rows
+    assert out[2].abs().sum() > 0  # values are not
+
+
+def test_cache_len_per_row_masks_each_row() -> None:
+    model = tiny_model()
+    ids, positions = random_sequence(model, batch=2)
+    with torch.no_grad():
+        outputs = run_steps(model, ids, positions, [4], capacity=6)
+        keys, values = outputs[0][1], outputs[0][2]
+        config = model.config
+        past_key = torch.zeros(config.n_layer, 2, config.kv_heads, 6, config.head_dim)
+        past_value = torch.zeros_like(past_key)
+        past_key[:, :, :, :4], past_value[:, :, :, :4] = keys, values
+        per_row = model.step(ids[:, 4:5], positions[:, 4:5], past_key, past_value,
+                             torch.tensor([4, 2]))
+        short = model.step(ids[1:, 4:5], positions[1:, 4:5], past_key[:, 1:], past_value[:, 1:],
+                           torch.tensor(2))
+    torch.testing.assert_close(per_row[0][1], short[0][0])
+    assert torch.all(per_row[3][:, 1, :, 2:] == 0)
+
+
+def test_class_tokens_use_the_class_table() -> None:
+    model = tiny_model()
+    vocab = model.config.vocab_size
+    ids = torch.tensor([[vocab + 3, 5]])
+    embedded = model.embed(ids)
+    torch.testing.assert_close(embedded[0, 0], model.cls_embedding.embedding_table.weight[3])
+    torch.testing.assert_close(embedded[0, 1], model.tok_embeddings.weight[5])
