@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -33,11 +34,44 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def json_bytes(payload: dict) -> bytes:
+    return (json.dumps(payload, indent=2) + "\n").encode()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
 def write_json(path: Path, payload: dict) -> None:
-    write_atomic(path, (json.dumps(payload, indent=2) + "\n").encode())
+    write_atomic(path, json_bytes(payload))
 
 
 def write_npy(path: Path, array: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    write_atomic(path, buffer.getvalue())
+    write_atomic(path, npy_bytes(array))
+
+
+def write_directory(out: Path, files: dict[str, bytes], force: bool) -> None:
+    """Write `files` into a new directory and rename it to `out` when complete.
+
+    With `force`, an existing `out` is replaced only after the new one is fully written.
+    """
+    if out.exists() and not force:
+        raise UserError(f"Output directory '{out}' already exists; pass --force to replace it "
+                        "or choose another --out.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        for name, data in files.items():
+            (staging / name).write_bytes(data)
+        if out.exists():
+            retired = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+            os.replace(out, retired / out.name)
+            os.replace(staging, out)
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

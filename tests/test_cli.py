@@ -105,3 +105,46 @@ def test_console_script_help_and_exit_code() -> None:
     done = subprocess.run([sys.executable, "-m", "linear_export", "generate", "--model", "X",
                            "--random-weights", "--classes", "1"], capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.startswith("error: Unknown model")
+
+
+@pytest.fixture()
+def tiny_vq(tmp_path):
+    from linear_export.models.vq import VQ_CONFIGS, VQModel
+
+    torch.manual_seed(0)
+    path = tmp_path / "vq.pt"
+    torch.save({"model": VQModel(VQ_CONFIGS["VQ-tiny"]).state_dict()}, path)
+    return path
+
+
+def test_generate_writes_pngs_and_grid(tmp_path, tiny_vq) -> None:
+    from PIL import Image
+
+    out = tmp_path / "samples"
+    result = run("generate", *TINY, "--classes", "3,5", "--vq-checkpoint", str(tiny_vq),
+                 "--vq-model", "VQ-tiny", "--out", str(out), "--seed", "7")
+    assert result.exit_code == 0, result.output
+    names = sorted(path.name for path in out.iterdir())
+    assert names == ["0000_class3_seed7.png", "0001_class5_seed7.png", "grid.png", "stats.json",
+                     "tokens.npy"]
+    picture = np.asarray(Image.open(out / "0000_class3_seed7.png"))
+    assert picture.shape == (16, 16, 3) and picture.std() > 0  # not blank
+    assert np.asarray(Image.open(out / "grid.png")).shape == (16, 34, 3)
+    again = run("generate", *TINY, "--classes", "3", "--out", str(out), "--no-decode")
+    assert again.exit_code == 2 and "already exists" in again.output
+    assert len(list(out.iterdir())) == 5  # nothing lost
+    forced = run("generate", *TINY, "--classes", "3", "--out", str(out), "--no-decode", "--force")
+    assert forced.exit_code == 0
+    assert sorted(path.name for path in out.iterdir()) == ["stats.json", "tokens.npy"]
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]
+
+
+def test_vq_must_match_the_gpt(tmp_path, tiny_vq) -> None:
+    result = run("generate", "--model", "GPT-B", "--random-weights", "--classes", "1",
+                 "--vq-checkpoint", str(tiny_vq), "--vq-model", "VQ-tiny")
+    assert result.exit_code == 2 and "64 codes" in result.output
+    gpt_file = tmp_path / "gpt.pt"
+    torch.save(tiny_model().state_dict(), gpt_file)
+    result = run("generate", *TINY, "--classes", "1", "--vq-checkpoint", str(gpt_file),
+                 "--vq-model", "VQ-tiny")
+    assert result.exit_code == 2 and "looks like a GPT checkpoint" in result.output

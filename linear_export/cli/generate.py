@@ -8,14 +8,37 @@ from pathlib import Path
 
 import click
 import numpy as np
+import torch
 
 from ..engines import ENGINES, make_engine
 from ..errors import UserError
-from ..models import SequenceLayout, get_config, load_gpt
-from ..outputs import check_writable, write_json, write_npy
+from ..models import GPTConfig, SequenceLayout, get_config, load_gpt
+from ..models.vq import load_vq
+from ..outputs import (
+    check_writable,
+    json_bytes,
+    npy_bytes,
+    write_directory,
+    write_json,
+    write_npy,
+)
+from ..runtime.decode import decode_tokens, image_grid, png_bytes
 from ..runtime.generate import generate as run_generation
 from ..runtime.sampling import SamplingConfig
 from .options import build_policy, model_options, parse_classes, policy_options
+
+
+def load_decoder(path: str, vq_model: str, config: GPTConfig):
+    """The VQ decoder for the GPT's tokens; codebook and stride must match the GPT's."""
+    vq = load_vq(path, vq_model, encoder=False)
+    if vq.config.codebook_size != config.vocab_size:
+        raise UserError(f"The VQ checkpoint has {vq.config.codebook_size} codes but the GPT has "
+                        f"a vocabulary of {config.vocab_size}; pass the tokenizer the GPT was "
+                        "trained with.")
+    if vq.config.downsample != config.downsample:
+        raise UserError(f"--vq-model {vq_model} downsamples by {vq.config.downsample} but the "
+                        f"GPT expects {config.downsample}; pass the matching --vq-model.")
+    return vq
 
 
 def peak_rss_bytes() -> int:
@@ -46,12 +69,16 @@ def peak_rss_bytes() -> int:
 @click.option("--stats-json", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write timing and memory stats to this JSON file.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Output directory (tokens.npy and stats.json).")
+              help="Output directory: one PNG per image, grid.png, tokens.npy, stats.json.")
+@click.option("--vq-checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="LlamaGen VQ tokenizer checkpoint that decodes tokens into images.")
+@click.option("--vq-model", default="VQ-16", show_default=True, help="VQ tokenizer config.")
+@click.option("--no-decode", is_flag=True, help="Write tokens and stats only, no images.")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 def generate(
     checkpoint, model_name, random_weights, image_size, dtype, device, policy, budget,
     classes, num_images, batch_size, cfg_scale, temperature, top_k, top_p, seed, engine_name,
-    save_tokens, stats_json, out, force, **knobs,
+    save_tokens, stats_json, out, vq_checkpoint, vq_model, no_decode, force, **knobs,
 ) -> None:
     """Generate class-conditional images with a fixed-capacity KV cache.
 
@@ -65,11 +92,9 @@ def generate(
         raise UserError(f"--num-images {num_images} must be at least 1.")
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size} must be at least 1.")
-    targets = [path for path in (save_tokens, stats_json) if path is not None]
-    if out is not None:
-        targets += [out / "tokens.npy", out / "stats.json"]
-    for path in targets:
-        check_writable(path, force)
+    for path in (save_tokens, stats_json, out):
+        if path is not None:
+            check_writable(path, force)
     sampling = SamplingConfig(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
                               top_p=top_p)
 
@@ -79,6 +104,9 @@ def generate(
     total = num_images or len(class_list)
     class_list = [class_list[i % len(class_list)] for i in range(total)]
     chosen = build_policy(SequenceLayout.for_image(config, image_size), policy, budget, **knobs)
+    decoder = None
+    if vq_checkpoint is not None and not no_decode:
+        decoder = load_decoder(vq_checkpoint, vq_model, config)
     model = load_gpt(model_name, image_size, checkpoint, dtype=dtype, device=device, seed=seed)
     engine = make_engine(engine_name, model)
 
@@ -108,12 +136,20 @@ def generate(
         "peak_cache_len": largest.peak_cache_len,
         "peak_rss_bytes": peak_rss_bytes(),
     }
-    for path in [save_tokens, out / "tokens.npy" if out else None]:
-        if path is not None:
-            write_npy(path, tokens)
-    for path in [stats_json, out / "stats.json" if out else None]:
-        if path is not None:
-            write_json(path, stats)
+    if save_tokens is not None:
+        write_npy(save_tokens, tokens)
+    if stats_json is not None:
+        write_json(stats_json, stats)
+    if out is not None:
+        files = {"tokens.npy": npy_bytes(tokens), "stats.json": json_bytes(stats)}
+        if decoder is not None:
+            pictures = decode_tokens(decoder.decode_codes, torch.from_numpy(tokens))
+            for index, (class_id, picture) in enumerate(zip(class_list, pictures, strict=True)):
+                files[f"{index:04d}_class{class_id}_seed{seed}.png"] = png_bytes(picture)
+            files["grid.png"] = png_bytes(image_grid(pictures))
+        write_directory(out, files, force)
+        if decoder is None and not no_decode:
+            click.echo("No --vq-checkpoint given: wrote tokens and stats, no images.", err=True)
     click.echo(
         f"{total} images, {chosen.name} policy, budget {chosen.budget} tokens, capacity "
         f"{chosen.capacity} slots: {stats['images_per_s']:.3f} images/s, KV "
