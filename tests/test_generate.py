@@ -111,3 +111,19 @@ def test_class_out_of_range_and_nan_logits() -> None:
         broken.output.weight.fill_(float("nan"))
     with pytest.raises(UserError, match="NaN/Inf"):
         generate(TorchEngine(broken), [1], policy("full", broken.layout), SamplingConfig())
+
+
+def test_teacher_forced_nll_matches_full_forward() -> None:
+    model = tiny_model()
+    truth = torch.randint(0, model.config.vocab_size, (2, 4, 4))
+    lines = []
+    result = generate(TorchEngine(model), [1, 6], policy("full", model.layout),
+                      SamplingConfig(cfg_scale=1.0), teacher_tokens=truth,
+                      on_line_end=lambda line, cache: lines.append((line, cache.cache_len)))
+    prefix = torch.tensor([[model.config.vocab_size + 1], [model.config.vocab_size + 6]])
+    sequence = torch.cat([prefix, truth.flatten(1)], 1)
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(sequence[:, :-1]), -1)
+    expected = -log_probs.gather(2, truth.flatten(1)[..., None]).mean().item()
+    assert abs(result.stats.nll_per_token - expected) < 1e-5
+    assert lines == [(0, 1 + 4), (1, 1 + 8), (2, 1 + 12)]

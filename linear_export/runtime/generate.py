@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +26,7 @@ class GenerationStats:
     kv_bytes: int  # allocated K/V bytes of this run's cache
     full_kv_bytes: int  # the same batch with the full cache (capacity P + N)
     peak_cache_len: int
+    nll_per_token: float | None = None  # teacher-forced runs: mean -log p(true token)
 
     @property
     def images_per_s(self) -> float:
@@ -53,8 +54,16 @@ def generate(
     *,
     seed: int = 0,
     progress: bool = False,
+    teacher_tokens: torch.Tensor | None = None,
+    on_line_end: Callable[[int, KVCache], None] | None = None,
 ) -> GenerationResult:
-    """Generate one image per class id, keeping the cache within the policy's capacity."""
+    """Generate one image per class id, keeping the cache within the policy's capacity.
+
+    With `teacher_tokens` [B, h, w] the loop feeds those tokens instead of sampling (the
+    result's tokens are still what sampling chose) and reports their mean negative
+    log-likelihood under the (guided) logits. `on_line_end(line, cache)` sees the cache after
+    each line-end eviction.
+    """
     config, layout = engine.config, engine.layout
     check_class_ids(class_ids, config.num_classes)
     device, batch = engine.device, len(class_ids)
@@ -73,6 +82,9 @@ def generate(
     tokens = torch.zeros(batch, layout.image_tokens, dtype=torch.long, device=device)
     group = config.n_head // config.kv_heads
     evictions = 0
+    nll_sum = torch.zeros((), dtype=torch.float64)
+    if teacher_tokens is not None:
+        teacher_tokens = teacher_tokens.reshape(batch, layout.image_tokens).to(device)
 
     started = time.perf_counter()
     bar = tqdm(total=layout.height, unit="line", disable=not progress, leave=False)
@@ -100,10 +112,16 @@ def generate(
                 evictions += 1
             if policy.score_mode == "line":
                 scores.zero_()
+            if on_line_end is not None:
+                on_line_end(index // layout.width - 1, cache)
             bar.update(1)
-        next_token = sample(guide(logits, sampling.cfg_scale) if sampling.uses_cfg else logits,
-                            sampling, generator)
+        guided = guide(logits, sampling.cfg_scale) if sampling.uses_cfg else logits
+        next_token = sample(guided, sampling, generator)
         tokens[:, index] = next_token
+        if teacher_tokens is not None:
+            next_token = teacher_tokens[:, index]
+            log_probs = torch.log_softmax(guided.float(), dim=-1)
+            nll_sum -= log_probs.gather(1, next_token[:, None]).sum().double().cpu()
         # Feed token `index` (to cond and uncond rows alike); the last one is never fed.
         input_ids = torch.cat([next_token] * (rows // batch))[:, None]
         positions = torch.tensor([layout.prefix + index], device=device)
@@ -121,5 +139,7 @@ def generate(
         kv_bytes=cache.nbytes,
         full_kv_bytes=full_bytes,
         peak_cache_len=cache.peak_len,
+        nll_per_token=None if teacher_tokens is None
+        else nll_sum.item() / (batch * layout.image_tokens),
     )
     return GenerationResult(tokens.view(batch, layout.height, layout.width).cpu(), stats)
