@@ -13,14 +13,16 @@ from PIL import Image
 Decoder = Callable[[torch.Tensor], torch.Tensor]  # codes [B, h, w] -> images [B, 3, H, W]
 
 
-def decode_tokens(decode: Decoder, tokens: torch.Tensor, batch_size: int = 8) -> np.ndarray:
-    """Images [N, H, W, 3] uint8 from token grids [N, h, w], decoded `batch_size` at a time."""
-    pictures = []
+def decode_batches(decode: Decoder, tokens: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """Float images [N, 3, H, W] in [-1, 1] from token grids [N, h, w], `batch_size` at a time."""
     with torch.inference_mode():
-        for start in range(0, tokens.shape[0], batch_size):
-            images = decode(tokens[start:start + batch_size].long()).float()
-            pictures.append(to_uint8(images))
-    return np.concatenate(pictures)
+        return torch.cat([decode(tokens[start:start + batch_size].long()).float()
+                          for start in range(0, tokens.shape[0], batch_size)])
+
+
+def decode_tokens(decode: Decoder, tokens: torch.Tensor, batch_size: int = 8) -> np.ndarray:
+    """Pictures [N, H, W, 3] uint8 from token grids [N, h, w]."""
+    return to_uint8(decode_batches(decode, tokens, batch_size))
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""Quality evaluation of cache policies: metrics, the policy x budget sweep, plots."""

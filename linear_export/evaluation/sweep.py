@@ -1,0 +1,167 @@
+"""The policy x budget sweep: likelihood, agreement with full, class accuracy, Fréchet distance."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..engines.base import Engine
+from ..runtime.budget import parse_budget
+from ..runtime.cache import KVCache
+from ..runtime.decode import decode_batches, to_uint8
+from ..runtime.generate import generate
+from ..runtime.policies import Policy, PolicyConfig
+from ..runtime.sampling import SamplingConfig
+from .metrics import accuracy, frechet_distance, frechet_noise, token_agreement
+
+Judge = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # images -> logits, features
+
+
+@dataclass
+class EvalSubject:
+    """What is evaluated: an engine, its image decoder, a judge, and real data."""
+
+    engine: Engine
+    decode: Callable[[torch.Tensor], torch.Tensor]  # codes [B, h, w] -> images [B, 3, H, W]
+    judge: Judge | None  # classifier: logits and features; None skips accuracy and FD
+    real_images: torch.Tensor  # [M, 3, H, W] in [-1, 1], the FD reference
+    heldout_tokens: torch.Tensor  # [M', h, w] real images tokenised, for teacher-forced NLL
+    heldout_labels: torch.Tensor  # [M']
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    policies: tuple[str, ...] = ("full", "linear", "streaming", "h2o", "window")
+    budgets: tuple[str, ...] = ("1/2", "1/4", "1/6", "1/8")
+    classes: tuple[int, ...] = tuple(range(10))
+    samples_per_class: int = 20
+    batch_size: int = 50
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(cfg_scale=3.0,
+                                                                             top_k=0))
+    seed: int = 0
+    knobs: dict = field(default_factory=dict)  # PolicyConfig knobs for linear (recent_lines...)
+    kept_stages: int = 3  # line stages pictured for LineAR's kept cells
+
+
+@dataclass
+class EvalRow:
+    policy: str
+    budget: str
+    budget_tokens: int
+    capacity: int
+    nll: float
+    nll_delta: float  # vs full
+    nll_delta_pct: float
+    agreement: float  # token agreement with full, same seed
+    accuracy: float | None
+    frechet: float | None
+    frechet_noise: float | None  # bootstrap std of this configuration's distance
+    seconds: float
+
+
+@dataclass
+class EvalResult:
+    rows: list[EvalRow]
+    real_frechet_floor: float | None  # FD between two halves of the real images
+    samples: dict[str, np.ndarray]  # "policy budget" -> a few decoded images [n, H, W, 3]
+    kept_cells: dict[str, np.ndarray]  # "line N" -> [layers, h, w] share of heads keeping a cell
+
+    def as_json(self) -> dict:
+        return {"rows": [asdict(row) for row in self.rows],
+                "real_frechet_floor": self.real_frechet_floor}
+
+
+class KeptCells:
+    """Line-end hook: which grid cells each layer keeps, as a share of (row, head) pairs."""
+
+    def __init__(self, layout, stages: list[int]):
+        self.layout, self.stages, self.maps = layout, stages, {}
+
+    def __call__(self, line: int, cache: KVCache) -> None:
+        if line not in self.stages:
+            return
+        layout = self.layout
+        positions = cache.positions[..., : cache.cache_len] - layout.prefix  # [L, B, H, n]
+        kept = torch.zeros(positions.shape[0], layout.image_tokens)
+        for layer, layer_positions in enumerate(positions):
+            image = layer_positions[layer_positions >= 0]
+            kept[layer] = torch.bincount(image.flatten(), minlength=layout.image_tokens).float()
+            kept[layer] /= layer_positions.shape[0] * layer_positions.shape[1]
+        self.maps[f"line {line}"] = kept.view(-1, layout.height, layout.width).numpy()
+
+
+def run_sweep(subject: EvalSubject, settings: EvalSettings, progress: bool = False) -> EvalResult:
+    """Evaluate `full` first, then every (policy, budget) against it."""
+    engine, layout = subject.engine, subject.engine.layout
+    labels = torch.tensor(settings.classes).repeat_interleave(settings.samples_per_class)
+    real_features = None
+    floor = None
+    if subject.judge is not None:
+        real_features = subject.judge(subject.real_images)[1].numpy()
+        half = len(real_features) // 2
+        floor = frechet_distance(real_features[:half], real_features[half:])
+    configs = [("full", "1")] + [(name, budget) for name in settings.policies if name != "full"
+                                 for budget in settings.budgets]
+    stages = sorted({max(0, round(layout.height * share) - 1) for share in (0.25, 0.5, 0.9)})
+    rows, samples, kept_cells, full_tokens, full_nll = [], {}, {}, None, None
+    for name, budget in tqdm(configs, desc="eval", disable=not progress):
+        tokens_budget = None if name == "full" else parse_budget(budget, layout)
+        knobs = settings.knobs if name == "linear" else {}
+        policy = Policy(PolicyConfig(name, budget=tokens_budget, **knobs), layout)
+        started = time.perf_counter()
+        tokens = generate_all(engine, labels, policy, settings)
+        hook = KeptCells(layout, stages) if name == "linear" and budget == "1/4" else None
+        nll = teacher_forced_nll(subject, policy, settings, hook)
+        if hook is not None:
+            kept_cells = hook.maps
+        if full_tokens is None:
+            full_tokens, full_nll = tokens, nll
+        images = decode_batches(subject.decode, tokens, settings.batch_size)
+        row_accuracy = frechet = noise = None
+        if subject.judge is not None:
+            logits, features = subject.judge(images)
+            row_accuracy = accuracy(logits, labels)
+            frechet = frechet_distance(features.numpy(), real_features)
+            noise = frechet_noise(features.numpy(), real_features, seed=settings.seed)
+        picks = torch.arange(0, len(labels), settings.samples_per_class)
+        samples[f"{name} {budget}"] = to_uint8(images[picks])
+        rows.append(EvalRow(
+            policy=name, budget="all" if name == "full" else budget,
+            budget_tokens=policy.budget, capacity=policy.capacity, nll=nll,
+            nll_delta=nll - full_nll, nll_delta_pct=100 * (nll - full_nll) / full_nll,
+            agreement=token_agreement(tokens, full_tokens), accuracy=row_accuracy,
+            frechet=frechet, frechet_noise=noise, seconds=time.perf_counter() - started,
+        ))
+    return EvalResult(rows, floor, samples, kept_cells)
+
+
+def generate_all(engine: Engine, labels: torch.Tensor, policy: Policy,
+                 settings: EvalSettings) -> torch.Tensor:
+    """Token grids for every label, batch by batch; batch k always uses seed + k."""
+    grids = []
+    for index, start in enumerate(range(0, len(labels), settings.batch_size)):
+        batch = labels[start:start + settings.batch_size].tolist()
+        grids.append(generate(engine, batch, policy, settings.sampling,
+                              seed=settings.seed + index).tokens)
+    return torch.cat(grids)
+
+
+def teacher_forced_nll(subject: EvalSubject, policy: Policy, settings: EvalSettings,
+                       hook: KeptCells | None) -> float:
+    """Mean NLL per token of real held-out images fed through the policy's cache (no CFG)."""
+    no_guidance = SamplingConfig(cfg_scale=1.0, temperature=1.0, top_k=0)
+    total, count = 0.0, 0
+    for start in range(0, len(subject.heldout_labels), settings.batch_size):
+        labels = subject.heldout_labels[start:start + settings.batch_size]
+        truth = subject.heldout_tokens[start:start + settings.batch_size]
+        result = generate(subject.engine, labels.tolist(), policy, no_guidance,
+                          seed=settings.seed, teacher_tokens=truth,
+                          on_line_end=hook if start == 0 else None)
+        total += result.stats.nll_per_token * len(labels)
+        count += len(labels)
+    return total / count

@@ -1,0 +1,73 @@
+"""Metrics against closed forms, and the sweep's honest invariants on a tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from conftest import tiny_model
+from linear_export.engines.torch import TorchEngine
+from linear_export.evaluation.metrics import frechet_distance, token_agreement
+from linear_export.evaluation.report import kept_cells_plot, markdown_table, metrics_plot
+from linear_export.evaluation.sweep import EvalSettings, EvalSubject, run_sweep
+from linear_export.models.vq import VQ_CONFIGS, VQModel
+from linear_export.runtime.sampling import SamplingConfig
+
+
+def test_frechet_distance_closed_forms() -> None:
+    generator = np.random.default_rng(0)
+    samples = generator.normal(size=(4000, 3))
+    assert frechet_distance(samples, samples) < 1e-6
+    shifted = samples + np.array([1.0, 2.0, 0.0])
+    assert abs(frechet_distance(samples, shifted) - 5.0) < 1e-6  # |mean shift|^2, same cov
+    scaled = samples * 3.0  # cov 9I vs I: trace(I + 9I - 2*3I) = 4 per dim
+    assert abs(frechet_distance(samples, scaled) - 12.0) < 0.5
+
+
+def test_token_agreement() -> None:
+    reference = torch.tensor([[1, 2], [3, 4]])
+    assert token_agreement(reference, reference) == 1.0
+    assert token_agreement(torch.tensor([[1, 0], [3, 0]]), reference) == 0.5
+
+
+PROJECTION = torch.randn(3, 10, generator=torch.Generator().manual_seed(0))
+
+
+def judge(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed stand-in classifier: mean colour per channel as features, projected to logits."""
+    features = images.mean(dim=(2, 3))
+    return features @ PROJECTION, features
+
+
+def test_sweep_invariants_on_a_tiny_model() -> None:
+    model = tiny_model(height=4, width=4)
+    torch.manual_seed(0)
+    vq = VQModel(VQ_CONFIGS["VQ-tiny"]).eval()
+    real_codes = torch.randint(0, 64, (12, 4, 4))
+    with torch.no_grad():
+        real = vq.decode_codes(real_codes)
+    subject = EvalSubject(TorchEngine(model), vq.decode_codes, judge, real, real_codes,
+                          torch.arange(12) % 10)
+    settings = EvalSettings(policies=("full", "linear", "window"), budgets=("1.0", "1/4"),
+                            classes=(1, 2, 3), samples_per_class=4, batch_size=6,
+                            sampling=SamplingConfig(cfg_scale=2.0, top_k=0))
+    result = run_sweep(subject, settings)
+    rows = {(row.policy, row.budget): row for row in result.rows}
+    assert rows[("full", "all")].agreement == 1.0 and rows[("full", "all")].nll_delta == 0
+    # A whole-image budget is the full cache: same tokens, same likelihood.
+    assert rows[("linear", "1.0")].agreement == 1.0
+    assert abs(rows[("linear", "1.0")].nll_delta) < 1e-9
+    quarter = rows[("linear", "1/4")]
+    assert quarter.capacity == 1 + 4 + 4 and np.isfinite(quarter.nll_delta)
+    assert quarter.agreement < 1.0
+    assert all(np.isfinite(row.frechet) and row.frechet_noise >= 0 for row in result.rows)
+    assert set(result.kept_cells) and all(
+        cells.shape == (2, 4, 4) and cells.max() <= 1 for cells in result.kept_cells.values()
+    )
+    # After the first eviction LineAR holds exactly `budget` image cells per (row, head).
+    last = result.kept_cells[list(result.kept_cells)[-1]]
+    assert np.allclose(last.sum(axis=(1, 2)), 4)
+    table = markdown_table(result)
+    assert table.count("\n| linear |") == 2
+    assert metrics_plot(result).startswith(b"\x89PNG")
+    assert kept_cells_plot(result).startswith(b"\x89PNG")
