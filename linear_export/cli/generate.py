@@ -12,6 +12,7 @@ import torch
 
 from ..engines import ENGINES, make_engine
 from ..errors import UserError
+from ..export.artifact import load_artifact
 from ..models import GPTConfig, SequenceLayout, get_config, load_gpt
 from ..models.vq import load_vq
 from ..outputs import (
@@ -25,6 +26,7 @@ from ..outputs import (
 from ..runtime.decode import decode_tokens, image_grid, png_bytes
 from ..runtime.generate import generate as run_generation
 from ..runtime.sampling import SamplingConfig
+from .build import cached_artifact
 from .options import build_policy, model_options, parse_classes, policy_options
 
 
@@ -39,6 +41,22 @@ def load_decoder(path: str, vq_model: str, config: GPTConfig):
         raise UserError(f"--vq-model {vq_model} downsamples by {vq.config.downsample} but the "
                         f"GPT expects {config.downsample}; pass the matching --vq-model.")
     return vq
+
+
+def artifact_options(artifact, model_name: str, image_size: int, dtype: str):
+    """Model, image size and dtype come from the artifact; contradicting them is an error."""
+    context = click.get_current_context()
+    manifest = artifact.manifest
+    given = {"model_name": ("--model", model_name, manifest["model"]["name"]),
+             "image_size": ("--image-size", image_size, manifest["image_size"]),
+             "dtype": ("--dtype", dtype, manifest["dtype"])}
+    for name, (flag, value, built) in given.items():
+        explicit = context.get_parameter_source(name) not in (
+            click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)
+        if explicit and value != built:
+            raise UserError(f"{flag} {value} contradicts the artifact, which was built with "
+                            f"{flag} {built}; drop {flag} or rebuild the artifact.")
+    return manifest["model"]["name"], manifest["image_size"], manifest["dtype"]
 
 
 def peak_rss_bytes() -> int:
@@ -64,6 +82,9 @@ def peak_rss_bytes() -> int:
               help="Seed for weights and sampling.")
 @click.option("--engine", "engine_name", type=click.Choice(ENGINES), default="torch",
               show_default=True, help="Engine that runs the decode step.")
+@click.option("--artifact", "artifact_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="ort: a built artifact directory [default: build one from "
+                                 "--checkpoint/--random-weights into ~/.cache/linear-export].")
 @click.option("--save-tokens", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the token grids [N, h, w] to this .npy file.")
 @click.option("--stats-json", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -78,14 +99,23 @@ def peak_rss_bytes() -> int:
 def generate(
     checkpoint, model_name, random_weights, image_size, dtype, device, policy, budget,
     classes, num_images, batch_size, cfg_scale, temperature, top_k, top_p, seed, engine_name,
-    save_tokens, stats_json, out, vq_checkpoint, vq_model, no_decode, force, **knobs,
+    artifact_dir, save_tokens, stats_json, out, vq_checkpoint, vq_model, no_decode, force, **knobs,
 ) -> None:
     """Generate class-conditional images with a fixed-capacity KV cache.
 
     Example: linear-export generate --checkpoint c2i_B_256.pt --model GPT-B --policy linear
     --budget 1/4 --classes 207,360 --out samples/
     """
-    if checkpoint is None and not random_weights:
+    artifact = None
+    if artifact_dir is not None:
+        if engine_name != "ort":
+            raise UserError("--artifact runs on the ort engine; add --engine ort.")
+        if checkpoint is not None or random_weights:
+            raise UserError("--artifact already holds the weights; drop --checkpoint and "
+                            "--random-weights.")
+        artifact = load_artifact(artifact_dir)
+        model_name, image_size, dtype = artifact_options(artifact, model_name, image_size, dtype)
+    elif checkpoint is None and not random_weights:
         raise UserError("No weights given; pass --checkpoint PATH (a LlamaGen c2i GPT) or "
                         "--random-weights.")
     if num_images is not None and num_images < 1:
@@ -107,8 +137,21 @@ def generate(
     decoder = None
     if vq_checkpoint is not None and not no_decode:
         decoder = load_decoder(vq_checkpoint, vq_model, config)
-    model = load_gpt(model_name, image_size, checkpoint, dtype=dtype, device=device, seed=seed)
-    engine = make_engine(engine_name, model)
+    if engine_name == "ort":
+        if artifact is None:
+            rows = min(batch_size, total) * (2 if sampling.uses_cfg else 1)
+            artifact = cached_artifact(checkpoint=checkpoint, model_name=model_name,
+                                       image_size=image_size, dtype=dtype, seed=seed,
+                                       policy=chosen, rows=rows,
+                                       echo=lambda line: click.echo(line, err=True))
+        from ..engines.ort import fit_policy  # onnxruntime loads only for this engine
+
+        chosen = fit_policy(chosen, artifact.capacity)  # the graph's cache size is static
+        engine = make_engine(engine_name, artifact=artifact, device=device)
+    else:
+        model = load_gpt(model_name, image_size, checkpoint, dtype=dtype, device=device,
+                         seed=seed)
+        engine = make_engine(engine_name, model)
 
     results = [
         run_generation(engine, class_list[start:start + batch_size], chosen, sampling,

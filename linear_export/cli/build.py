@@ -1,0 +1,177 @@
+"""`linear-export build`: export the decode step into an artifact directory."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import time
+from pathlib import Path
+
+import click
+
+from ..errors import UserError
+from ..export.artifact import (
+    ARTIFACT_DTYPES,
+    Artifact,
+    build_artifact,
+    load_artifact,
+    sha256_file,
+    tool_versions,
+)
+from ..export.onnx_step import DEFAULT_OPSET
+from ..models import GPT_CONFIGS, SequenceLayout, get_config, init_weights, load_gpt
+from ..runtime.budget import BUDGET_HELP
+from ..runtime.policies import POLICIES, Policy
+from .options import build_policy
+
+RANDOM_STD = inspect.signature(init_weights).parameters["std"].default  # as load_gpt
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(file.stat().st_size for file in path.iterdir() if file.is_file())
+
+
+def build_from_options(
+    *, checkpoint: str | None, random_weights: bool, model_name: str, image_size: int,
+    dtype: str, policy: str, budget: str, max_batch: int, with_noscores: bool, out: Path,
+    force: bool, seed: int = 0, opset: int = DEFAULT_OPSET, split_cache: bool = False,
+    echo=lambda line: None,
+):
+    """Validate, load the weights, export: shared by `build` and `generate --engine ort`."""
+    if checkpoint is None and not random_weights:
+        raise UserError("No weights given; pass --checkpoint PATH (a LlamaGen c2i GPT) or "
+                        "--random-weights.")
+    if dtype not in ARTIFACT_DTYPES:
+        raise UserError(f"Artifacts are built in {' or '.join(ARTIFACT_DTYPES)}, not {dtype}; "
+                        "ONNX Runtime's CPU provider has no bf16 kernels for this graph.")
+    if opset < 18:
+        raise UserError(f"--opset {opset} is too old; the step graph needs opset 18 or newer.")
+    if out.exists() and not force:
+        raise UserError(f"Artifact directory '{out}' already exists; pass --force to replace it "
+                        "or choose another --out.")
+    config = get_config(model_name)
+    layout = SequenceLayout.for_image(config, image_size)
+    chosen = build_policy(layout, policy, budget)
+    started = time.perf_counter()
+
+    def stage(line: str) -> None:
+        echo(f"[{time.perf_counter() - started:7.1f} s] {line}")
+
+    stage(f"loading {model_name} weights from {checkpoint or 'a seeded random init'}")
+    model = load_gpt(model_name, image_size, checkpoint, dtype=dtype, seed=seed)
+    if checkpoint is not None:
+        stage("hashing the checkpoint (recorded so verify can rebuild the reference)")
+        weights = {"source": "checkpoint", "path": str(Path(checkpoint).resolve()),
+                   "sha256": sha256_file(Path(checkpoint))}
+    else:
+        weights = {"source": "random", "seed": seed, "std": RANDOM_STD}
+    options = {"policy": chosen.name, "budget": None if chosen.name == "full" else budget,
+               "budget_tokens": chosen.budget}
+    artifact = build_artifact(
+        model, out, model_name=model_name, image_size=image_size, weights=weights,
+        capacity=chosen.capacity, build_options=options, max_batch=max_batch,
+        with_noscores=with_noscores, opset=opset, split_cache=split_cache, force=force,
+        log=stage,
+    )
+    stage("done")
+    return artifact
+
+
+@click.command()
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="LlamaGen GPT checkpoint (.pt or .safetensors); omit with --random-weights.")
+@click.option("--random-weights", is_flag=True,
+              help="Seeded random weights instead of a checkpoint (benchmarks, tests).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for random weights.")
+@click.option("--model", "model_name", default="GPT-B", show_default=True,
+              help=f"Model config: {', '.join(GPT_CONFIGS)}.")
+@click.option("--image-size", type=int, default=256, show_default=True,
+              help="Image side in pixels (grid = image size / the tokenizer's stride).")
+@click.option("--dtype", type=click.Choice(ARTIFACT_DTYPES), default="fp32", show_default=True,
+              help="Graph and cache precision.")
+@click.option("--policy", default="linear", show_default=True,
+              help=f"Policy the cache capacity is sized for: {', '.join(POLICIES)} "
+                   "(full: prefix + whole image).")
+@click.option("--budget", default="1/4", show_default=True, help=f"Cache budget: {BUDGET_HELP}.")
+@click.option("--max-batch", type=int, default=64, show_default=True,
+              help="Most rows per step (CFG doubles the rows).")
+@click.option("--with-noscores", is_flag=True,
+              help="Also export step_noscores.onnx, used on steps no policy needs scores for.")
+@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True,
+              help="ONNX opset.")
+@click.option("--cache-inputs", type=click.Choice(["stacked", "per-layer"]), default="stacked",
+              show_default=True,
+              help="stacked: past_key/past_value [L, B, Hkv, C, D], the contract's form; "
+                   "per-layer: past_key.0 ... [B, Hkv, C, D], bound in place without the "
+                   "per-step cache copy ONNX Runtime's Gather makes (faster on CPU).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Artifact directory to create.")
+@click.option("--force", is_flag=True, help="Replace an existing artifact (once the new one is "
+                                            "complete).")
+def build(checkpoint, random_weights, seed, model_name, image_size, dtype, policy, budget,
+          max_batch, with_noscores, opset, cache_inputs, out, force) -> None:
+    """Export the decode step to ONNX: an artifact directory for the ort engine and verify.
+
+    Example: linear-export build --checkpoint c2i_B_256.pt --model GPT-B --policy linear
+    --budget 1/4 --out artifacts/gpt-b-linear
+    """
+    started = time.perf_counter()
+    artifact = build_from_options(
+        checkpoint=checkpoint, random_weights=random_weights, model_name=model_name,
+        image_size=image_size, dtype=dtype, policy=policy, budget=budget, max_batch=max_batch,
+        with_noscores=with_noscores, out=out, force=force, seed=seed, opset=opset,
+        split_cache=cache_inputs == "per-layer", echo=lambda line: click.echo(line, err=True),
+    )
+    manifest = artifact.manifest
+    size = directory_bytes(artifact.path)
+    click.echo(
+        f"Built {artifact.path}: {manifest['model']['name']} {image_size}px {dtype}, capacity "
+        f"{artifact.capacity} slots ({manifest['build']['policy']}, "
+        f"{manifest['build']['cache_inputs']} cache inputs), export "
+        f"{manifest['build']['export_seconds']:.1f} s (total {time.perf_counter() - started:.1f}"
+        f" s), {size / 2**20:.1f} MiB."
+    )
+
+
+def cache_root() -> Path:
+    """Per-user artifact cache: $LINEAR_EXPORT_CACHE, else $XDG_CACHE_HOME or ~/.cache."""
+    if os.environ.get("LINEAR_EXPORT_CACHE"):
+        return Path(os.environ["LINEAR_EXPORT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "linear-export"
+
+
+def cached_artifact(
+    *, checkpoint: str | None, model_name: str, image_size: int, dtype: str, seed: int,
+    policy: Policy, rows: int, echo=lambda line: None,
+) -> Artifact:
+    """The artifact for these weights and options, built into the per-user cache once."""
+    if checkpoint is not None:
+        if not Path(checkpoint).is_file():
+            raise UserError(f"Checkpoint '{checkpoint}' does not exist; pass the path of a .pt "
+                            "or .safetensors file.")
+        weights = f"sha256:{sha256_file(Path(checkpoint))}"
+    else:
+        weights = f"random:{seed}:{RANDOM_STD}"
+    max_batch = max(64, rows)
+    key = json.dumps({"weights": weights, "model": model_name, "image_size": image_size,
+                      "dtype": dtype, "capacity": policy.capacity, "max_batch": max_batch,
+                      "opset": DEFAULT_OPSET, "cache_inputs": "per-layer",
+                      "tools": tool_versions()}, sort_keys=True)
+    out = cache_root() / hashlib.sha256(key.encode()).hexdigest()[:20]
+    if (out / "manifest.json").is_file():
+        try:
+            return load_artifact(out)
+        except UserError as error:
+            echo(f"Rebuilding the cached artifact {out}: {error}")
+    echo(f"Building an ort artifact for {model_name} ({policy.capacity} cache slots) into {out}; "
+         "later runs reuse it.")
+    budget = str(policy.budget) if policy.name != "full" else "1/4"
+    return build_from_options(
+        checkpoint=checkpoint, random_weights=checkpoint is None, model_name=model_name,
+        image_size=image_size, dtype=dtype, policy=policy.name, budget=budget,
+        max_batch=max_batch, with_noscores=False, out=out, force=True, seed=seed,
+        split_cache=True, echo=echo,  # nobody sees this graph: the faster, copy-free form
+    )

@@ -1,0 +1,83 @@
+"""`linear-export verify`: an artifact against the PyTorch reference, step by step."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from ..engines.ort import OrtEngine, fit_policy
+from ..engines.torch import TorchEngine
+from ..errors import UserError
+from ..export.artifact import load_artifact, reference_model
+from ..export.compare import compare_engines, format_report
+from ..runtime.policies import POLICIES
+from .options import build_policy
+
+
+@click.command()
+@click.argument("artifact_dir", type=click.Path(path_type=Path))
+@click.option("--batch", type=int, default=2, show_default=True,
+              help="Images per generation (CFG doubles the rows).")
+@click.option("--policy", "policies", multiple=True,
+              help=f"Policy to verify ({', '.join(POLICIES)}); repeatable [default: full and "
+                   "linear where the artifact's capacity allows, and the build's policy].")
+@click.option("--budget", default=None,
+              help="Budget for the evicting policies [default: the build's, else 1/4].")
+@click.option("--cfg-scale", type=float, default=4.0, show_default=True,
+              help="Classifier-free guidance scale (rows [cond; uncond]); 1.0 disables it.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generations.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="The checkpoint the artifact was built from, if it has moved.")
+@click.option("--device", default="cpu", show_default=True, help="Device of both engines.")
+def verify(artifact_dir, batch, policies, budget, cfg_scale, seed, checkpoint, device) -> None:
+    """Compare every output of every step of an artifact with the PyTorch reference.
+
+    Both engines get the same inputs and cache over whole generations (teacher-forced by the
+    reference's greedy tokens); then each generates greedily on its own and the tokens must be
+    identical. Exit code 0: pass, 1: mismatch, 2: bad input.
+    """
+    if batch < 1:
+        raise UserError(f"--batch {batch} must be at least 1.")
+    artifact = load_artifact(artifact_dir)
+    rows = batch * (2 if cfg_scale > 1.0 else 1)
+    if rows > artifact.max_batch:
+        raise UserError(f"--batch {batch} needs {rows} rows, above the artifact's --max-batch "
+                        f"{artifact.max_batch}; lower --batch.")
+    build = artifact.manifest["build"]
+    budget = budget or build.get("budget") or "1/4"
+    explicit = bool(policies)
+    names = list(dict.fromkeys(policies or ("full", "linear", build["policy"])))
+    layout, config = artifact.layout, artifact.config
+    chosen, skipped = [], []
+    for name in names:
+        policy = build_policy(layout, name, budget)
+        if policy.capacity > artifact.capacity and not explicit:
+            skipped.append(f"{name} skipped: it needs {policy.capacity} cache slots, the "
+                           f"artifact has {artifact.capacity}")
+            continue
+        chosen.append(fit_policy(policy, artifact.capacity))
+    classes = [index % config.num_classes for index in range(batch)]
+
+    click.echo(f"Verifying {artifact.path} ({artifact.manifest['model']['name']}, "
+               f"{layout.height}x{layout.width} tokens, {artifact.dtype_name}, capacity "
+               f"{artifact.capacity}) against PyTorch: batch {batch}, cfg {cfg_scale}, greedy.")
+    click.echo(f"An element passes when |ort - torch| <= atol or <= rtol * |torch| "
+               f"(Polygraphy elementwise check); {artifact.dtype_name} tolerances below.")
+    for note in skipped:
+        click.echo(f"note: {note}")
+    candidate = OrtEngine(artifact, device=device)
+    reference = TorchEngine(reference_model(artifact, checkpoint).to(device))
+    passed = True
+    for policy in chosen:
+        started = time.perf_counter()
+        report = compare_engines(reference, candidate, policy, classes, cfg_scale=cfg_scale,
+                                 dtype_name=artifact.dtype_name, seed=seed)
+        click.echo(format_report(report))
+        click.echo(f"  ({time.perf_counter() - started:.1f} s)")
+        passed &= report.passed
+    click.echo("PASS" if passed else "FAIL: the artifact does not match the PyTorch reference.")
+    if not passed:
+        sys.exit(1)

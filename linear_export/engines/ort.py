@@ -1,0 +1,261 @@
+"""OrtEngine: the exported step on ONNX Runtime, cache bound zero-copy through IOBinding."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from ..errors import UserError
+from ..export.artifact import Artifact, directory_mode, load_artifact
+from ..export.split_cache import layer_input
+from ..runtime.cache import KVCache
+from ..runtime.policies import Policy
+from .base import StepOutput
+
+NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+CACHE_DIR = ".ort"  # optimized models, inside the artifact directory they were made from
+
+
+def _machine_tag() -> str:
+    """CPU model and flags: ORT_ENABLE_ALL output may hold hardware-specific rewrites."""
+    text = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            text += "".join(line for line in info if line.startswith(("model name", "flags")))
+    except OSError:
+        pass
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+@dataclass
+class _Bound:
+    """An IOBinding and the tensors bound to it, for one (variant, B, T)."""
+
+    binding: ort.IOBinding
+    out: StepOutput
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    cache_pointers: tuple[int, int] | None = None
+
+
+class OrtEngine:
+    """Runs an artifact's step graph; outputs live in buffers reused by the next step() call."""
+
+    name = "ort"
+
+    def __init__(
+        self,
+        artifact: Artifact | str | Path,
+        device: str | torch.device = "cpu",
+        *,
+        threads: int | None = None,
+        cache_optimized: bool = True,
+    ):
+        self.artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
+        self.config, self.layout = self.artifact.config, self.artifact.layout
+        self.capacity, self.max_batch = self.artifact.capacity, self.artifact.max_batch
+        self.dtype = self.artifact.dtype
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise UserError("--device cuda needs onnxruntime-gpu's CUDA provider, which this "
+                                "installation lacks; use --device cpu.")
+            index = self.device.index if self.device.index is not None else 0
+            self.device = torch.device("cuda", index)
+            # ORT runs on torch's stream, so bound torch buffers need no extra synchronisation.
+            stream = torch.cuda.current_stream(self.device).cuda_stream
+            self.providers = [("CUDAExecutionProvider",
+                               {"device_id": index, "user_compute_stream": str(stream)}),
+                              "CPUExecutionProvider"]
+        elif self.device.type == "cpu":
+            self.providers = ["CPUExecutionProvider"]
+        else:
+            raise UserError(f"The ort engine runs on cpu or cuda, not '{device}'.")
+        self.threads = threads or os.cpu_count() or 1
+        self.cache_optimized = cache_optimized
+        self.sessions = {True: self._session(self.artifact.step_path)}
+        if self.artifact.noscores_path is not None:
+            self.sessions[False] = self._session(self.artifact.noscores_path)
+        self._bindings: dict[tuple[bool, int, int], _Bound] = {}
+        self._cache_len = torch.zeros((), dtype=torch.long, device=self.device)
+
+    def _options(self) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = self.threads
+        options.log_severity_level = 3  # errors only: the serialisation warning is handled below
+        return options
+
+    def _session(self, source: Path) -> ort.InferenceSession:
+        """A session, from the cached optimized model when present and newer than the source."""
+        provider = self.providers[0] if isinstance(self.providers[0], str) else "CUDA"
+        # Keyed by every file's hash (the graph and its weights), provider, ORT and CPU.
+        files = self.artifact.manifest["files"]
+        content = hashlib.sha256("".join(files[name]["sha256"] for name in sorted(files))
+                                 .encode()).hexdigest()[:12]
+        tag = (f"{source.stem}.{provider.removesuffix('ExecutionProvider').lower()}."
+               f"ort{ort.__version__}.{content}.{_machine_tag()}")
+        cached = source.parent / CACHE_DIR / tag / "model.onnx"
+        newest_source = max((source.parent / name).stat().st_mtime for name in files)
+        if self.cache_optimized and cached.is_file() and cached.stat().st_mtime >= newest_source:
+            try:
+                return ort.InferenceSession(str(cached), self._options(),
+                                            providers=self.providers)
+            except Exception:  # noqa: BLE001 - a broken cache entry is rebuilt, never fatal
+                shutil.rmtree(cached.parent, ignore_errors=True)
+        options = self._options()
+        scratch = None
+        if self.cache_optimized:
+            try:
+                cached.parent.parent.mkdir(exist_ok=True)
+                scratch = Path(tempfile.mkdtemp(dir=cached.parent.parent, prefix=".tmp."))
+                os.chmod(scratch, directory_mode())
+            except OSError:
+                scratch = None  # a read-only artifact: run without caching
+        if scratch is not None:
+            options.optimized_model_filepath = str(scratch / "model.onnx")
+            options.add_session_config_entry(
+                "session.optimized_model_external_initializers_file_name", "model.onnx.data")
+            options.add_session_config_entry(
+                "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        try:
+            session = ort.InferenceSession(str(source), options, providers=self.providers)
+        except Exception as error:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+            raise UserError(f"ONNX Runtime cannot load {source.name} from '{source.parent}' "
+                            f"({str(error).splitlines()[0][:200]}); rebuild with linear-export "
+                            "build --force.") from None
+        if scratch is not None:
+            # A directory rename is atomic, so a concurrent reader never sees half a cache entry.
+            try:
+                shutil.rmtree(cached.parent, ignore_errors=True)
+                os.replace(scratch, cached.parent)
+            except OSError:
+                shutil.rmtree(scratch, ignore_errors=True)
+        return session
+
+    def has_noscores(self) -> bool:
+        return False in self.sessions
+
+    def _binding(self, with_scores: bool, batch: int, steps: int) -> _Bound:
+        """One IOBinding per (variant, B, T), bound once to preallocated input/output tensors."""
+        key = (with_scores, batch, steps)
+        if key not in self._bindings:
+            config, dev = self.config, self.device
+            present = (config.n_layer, batch, config.kv_heads, steps, config.head_dim)
+            out = StepOutput(
+                logits=torch.empty(batch, config.vocab_size, dtype=torch.float32, device=dev),
+                present_key=torch.empty(present, dtype=self.dtype, device=dev),
+                present_value=torch.empty(present, dtype=self.dtype, device=dev),
+                attn_mass=torch.empty(config.n_layer, batch, config.n_head, self.capacity,
+                                      dtype=torch.float32, device=dev) if with_scores else None,
+            )
+            bound = _Bound(self.sessions[with_scores].io_binding(), out,
+                           torch.zeros(batch, steps, dtype=torch.long, device=dev),
+                           torch.zeros(batch, steps, dtype=torch.long, device=dev))
+            for name in ("logits", "present_key", "present_value", "attn_mass"):
+                tensor = getattr(out, name)
+                if tensor is not None:
+                    self._bind(bound.binding.bind_output, name, tensor)
+            for name, tensor in (("input_ids", bound.input_ids),
+                                 ("position_ids", bound.position_ids),
+                                 ("cache_len", self._cache_len)):
+                self._bind(bound.binding.bind_input, name, tensor)
+            self._bindings[key] = bound
+        return self._bindings[key]
+
+    def _bind(self, bind, name: str, tensor: torch.Tensor) -> None:
+        bind(name, self.device.type, self.device.index or 0, NUMPY_DTYPES[tensor.dtype],
+             list(tensor.shape), tensor.data_ptr())
+
+    def _bind_cache(self, bound: _Bound, cache: KVCache) -> None:
+        """Bind the cache in place (zero-copy), again only when it is another tensor."""
+        pointers = (cache.key.data_ptr(), cache.value.data_ptr())
+        if bound.cache_pointers == pointers:
+            return
+        for name, tensor in (("past_key", cache.key), ("past_value", cache.value)):
+            if self.artifact.split_cache:  # each layer's slice of the same storage
+                for layer in range(self.config.n_layer):
+                    self._bind(bound.binding.bind_input, layer_input(name, layer), tensor[layer])
+            else:
+                self._bind(bound.binding.bind_input, name, tensor)
+        bound.cache_pointers = pointers
+
+    def step(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: KVCache,
+        need_scores: bool = True,
+    ) -> StepOutput:
+        """One step; the returned tensors are overwritten by the next call with the same shape."""
+        batch, steps = input_ids.shape
+        self._check(cache, batch)
+        with_scores = need_scores or not self.has_noscores()
+        bound = self._binding(with_scores, batch, steps)
+        # Only the tiny inputs are copied, into buffers bound once; nothing is allocated.
+        bound.input_ids.copy_(input_ids)
+        bound.position_ids.copy_(position_ids.expand(batch, steps))
+        self._cache_len.fill_(cache.cache_len)
+        self._bind_cache(bound, cache)
+        self.sessions[with_scores].run_with_iobinding(bound.binding)
+        out = bound.out
+        if not need_scores and out.attn_mass is not None:
+            return StepOutput(out.logits, out.present_key, out.present_value, None)
+        return out
+
+    def _check(self, cache: KVCache, batch: int) -> None:
+        if batch > self.max_batch:
+            raise UserError(f"A batch of {batch} rows exceeds the artifact's --max-batch "
+                            f"{self.max_batch}; lower --batch-size (CFG doubles the rows) or "
+                            "rebuild with a larger --max-batch.")
+        if cache.capacity != self.capacity:
+            raise ValueError(f"cache capacity {cache.capacity} differs from the artifact's "
+                             f"{self.capacity}; run the policy through fit_policy()")
+        if cache.dtype != self.dtype or cache.key.device != self.device:
+            raise ValueError(f"cache is {cache.dtype} on {cache.key.device}, the engine runs "
+                             f"{self.dtype} on {self.device}")
+        if not (cache.key.is_contiguous() and cache.value.is_contiguous()):
+            raise ValueError("the KV cache must be contiguous to be bound in place")
+
+
+class FixedCapacityPolicy(Policy):
+    """A policy run in a cache of an artifact's static capacity (at least what it needs).
+
+    Dead slots are masked, so a larger cache changes nothing but memory.
+    """
+
+    def __init__(self, policy: Policy, capacity: int):
+        self.__dict__.update(policy.__dict__)
+        self.needed = policy.capacity
+        self._capacity = capacity
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+
+def fit_policy(policy: Policy, capacity: int) -> Policy:
+    """`policy` with its cache sized to an artifact's capacity; an error if that is too small."""
+    if policy.capacity > capacity:
+        if policy.name == "full":
+            fix = ("rebuild it with linear-export build --policy full, or run an evicting policy "
+                   "such as --policy linear --budget 1/4")
+        else:
+            fix = (f"rebuild it with linear-export build --policy {policy.name} --budget "
+                   f"{policy.budget}, or choose a smaller --budget")
+        raise UserError(f"The artifact holds {capacity} cache slots but --policy {policy.name} "
+                        f"needs {policy.capacity}; {fix}.")
+    if policy.capacity == capacity:
+        return policy
+    return FixedCapacityPolicy(policy, capacity)

@@ -1,0 +1,289 @@
+"""The artifact directory: step graph(s), shared external weights, manifest.json with hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..models import DTYPES, GPTConfig, SequenceLayout
+from ..models.checkpoint import load_into, read_state_dict
+from ..models.gpt import GPT, init_weights
+from .onnx_step import DEFAULT_OPSET, export_noscores_sharing, export_step
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+STEP = "step.onnx"
+STEP_DATA = "step.onnx.data"
+STEP_NOSCORES = "step_noscores.onnx"
+REBUILD = "rebuild with linear-export build --force"
+# ONNX Runtime's CPU provider has no bfloat16 kernels for these graphs.
+ARTIFACT_DTYPES = ("fp32", "fp16")
+CACHE_LAYOUTS = {False: "stacked", True: "per-layer"}  # the graph's cache inputs
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name, dist in (("torch", "torch"), ("onnx", "onnx"), ("onnxscript", "onnxscript"),
+                       ("onnxruntime", "onnxruntime-gpu"), ("linear_export", "linear-export")):
+        try:
+            versions[name] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            if name == "onnxruntime":
+                import onnxruntime
+
+                versions[name] = onnxruntime.__version__
+            else:
+                versions[name] = "unknown"
+    return versions
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A loaded, hash-checked artifact directory."""
+
+    path: Path
+    manifest: dict
+
+    @property
+    def config(self) -> GPTConfig:
+        return GPTConfig(**self.manifest["model"]["config"])
+
+    @property
+    def layout(self) -> SequenceLayout:
+        return SequenceLayout(**self.manifest["layout"])
+
+    @property
+    def capacity(self) -> int:
+        return int(self.manifest["capacity"])
+
+    @property
+    def dtype_name(self) -> str:
+        return self.manifest["dtype"]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype_name]
+
+    @property
+    def max_batch(self) -> int:
+        return int(self.manifest["build"]["max_batch"])
+
+    @property
+    def split_cache(self) -> bool:
+        """Whether the graphs take one cache input per layer (past_key.0, ...)."""
+        return self.manifest["build"].get("cache_inputs", "stacked") == "per-layer"
+
+    @property
+    def step_path(self) -> Path:
+        return self.path / STEP
+
+    @property
+    def noscores_path(self) -> Path | None:
+        return self.path / STEP_NOSCORES if STEP_NOSCORES in self.manifest["files"] else None
+
+    def file_sha256(self, name: str) -> str:
+        return self.manifest["files"][name]["sha256"]
+
+
+def build_artifact(
+    model: GPT,
+    out: Path,
+    *,
+    model_name: str,
+    image_size: int,
+    weights: dict,
+    capacity: int,
+    build_options: dict,
+    max_batch: int = 64,
+    with_noscores: bool = False,
+    opset: int = DEFAULT_OPSET,
+    split_cache: bool = False,
+    force: bool = False,
+    log: Callable[[str], None] = lambda line: None,
+) -> Artifact:
+    """Export `model` into a new artifact at `out`, renamed into place only once complete.
+
+    `weights` says how to rebuild the reference model ({"source": "checkpoint", "path",
+    "sha256"} or {"source": "random", "seed", "std"}); `build_options` records the policy.
+    `split_cache`: one cache input per layer (bound in place; see export/split_cache.py).
+    """
+    out = Path(out)
+    dtype_name = next((k for k, v in DTYPES.items() if v == model.output.weight.dtype), None)
+    if dtype_name not in ARTIFACT_DTYPES:
+        raise UserError(f"Artifacts are built in {' or '.join(ARTIFACT_DTYPES)}, not "
+                        f"{dtype_name}; pass --dtype fp32 or fp16.")
+    if out.exists() and not force:
+        raise UserError(f"Artifact directory '{out}' already exists; pass --force to replace it "
+                        "or choose another --out.")
+    if capacity > model.layout.length:
+        raise UserError(f"Capacity {capacity} exceeds the whole sequence "
+                        f"({model.layout.length} tokens).")
+    if max_batch < 1:
+        raise UserError(f"--max-batch {max_batch} must be at least 1.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        os.chmod(staging, directory_mode())  # mkdtemp's 0700 would hide the artifact from others
+        started = time.perf_counter()
+        log(f"exporting {STEP} (capacity {capacity}, {dtype_name}, opset {opset})")
+        inputs, outputs = export_step(model, staging / STEP, capacity=capacity, max_batch=max_batch,
+                                      opset=opset, split_cache=split_cache)
+        io = {STEP: {"inputs": [s.to_json() for s in inputs],
+                     "outputs": [s.to_json() for s in outputs]}}
+        if with_noscores:
+            log(f"exporting {STEP_NOSCORES} (sharing {STEP_DATA})")
+            inputs, outputs = export_noscores_sharing(model, staging, staging / STEP,
+                                                      capacity=capacity, max_batch=max_batch,
+                                                      opset=opset, name=STEP_NOSCORES,
+                                                      split_cache=split_cache)
+            io[STEP_NOSCORES] = {"inputs": [s.to_json() for s in inputs],
+                                 "outputs": [s.to_json() for s in outputs]}
+        export_seconds = time.perf_counter() - started
+        log("hashing files and writing the manifest")
+        manifest = _manifest(model, model_name, image_size, dtype_name, capacity, opset, io,
+                             weights, {**build_options, "max_batch": max_batch,
+                                       "cache_inputs": CACHE_LAYOUTS[split_cache],
+                                       "variants": sorted(io),
+                                       "export_seconds": round(export_seconds, 3)},
+                             _hash_files(staging))
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _move_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Artifact(out, manifest)
+
+
+def directory_mode() -> int:
+    """What a plain mkdir would give: 0777 less the process umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o777 & ~mask
+
+
+def _manifest(model: GPT, model_name: str, image_size: int, dtype_name: str, capacity: int,
+              opset: int, io: dict, weights: dict, build: dict, files: dict) -> dict:
+    config, layout = model.config, model.layout
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model": {"family": "llamagen-c2i", "name": model_name, "config": asdict(config)},
+        "layout": asdict(layout),
+        "image_size": image_size,
+        "vocab_size": config.vocab_size,
+        "num_classes": config.num_classes,
+        "capacity": capacity,
+        "dtype": dtype_name,
+        "opset": opset,
+        "io": io,
+        "files": files,
+        "weights": weights,
+        "build": build,
+        "tools": tool_versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _hash_files(directory: Path) -> dict[str, dict]:
+    return {
+        path.name: {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        for path in sorted(directory.iterdir())
+        if path.is_file() and path.name != MANIFEST
+    }
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Rename the finished artifact to `out`; an old one is removed only after the swap."""
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    retired = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+    os.replace(out, retired / out.name)
+    os.replace(staging, out)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def load_artifact(path: str | Path, *, check_hashes: bool = True) -> Artifact:
+    """Read and check an artifact: schema version, every listed file present and unchanged."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"Artifact directory '{path}' does not exist; build one with "
+                        "linear-export build --out DIR.")
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise UserError(f"'{path}' is not an artifact ({MANIFEST} is missing); build one with "
+                        "linear-export build --out DIR.")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+        version = manifest["schema_version"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{MANIFEST} in '{path}' is corrupt (not a valid manifest); "
+                        f"{REBUILD}.") from None
+    if version != SCHEMA_VERSION:
+        raise UserError(f"{MANIFEST} in '{path}' has schema version {version}, but this "
+                        f"linear-export reads version {SCHEMA_VERSION}; {REBUILD}.")
+    for required in (STEP, STEP_DATA):
+        if required not in files:
+            raise UserError(f"{MANIFEST} in '{path}' lists no {required}; {REBUILD}.")
+    for name, entry in files.items():
+        file = path / name
+        if not file.is_file():
+            raise UserError(f"{name} is missing from artifact '{path}'; {REBUILD}.")
+        if file.stat().st_size != entry["bytes"]:
+            raise UserError(f"{name} is corrupt (size {file.stat().st_size} bytes, manifest "
+                            f"says {entry['bytes']}); {REBUILD}.")
+        if check_hashes and sha256_file(file) != entry["sha256"]:
+            raise UserError(f"{name} is corrupt (sha256 mismatch); {REBUILD}.")
+    return Artifact(path, manifest)
+
+
+def reference_model(artifact: Artifact, checkpoint: str | Path | None = None) -> GPT:
+    """The PyTorch model the artifact was exported from, rebuilt from its recorded weights."""
+    weights = artifact.manifest.get("weights", {})
+    model = GPT(artifact.config, artifact.layout)
+    if weights.get("source") == "random":
+        init_weights(model, seed=int(weights["seed"]), std=float(weights["std"]))
+    elif weights.get("source") == "checkpoint" or checkpoint is not None:
+        path = Path(checkpoint or weights["path"])
+        if not path.is_file():
+            raise UserError(f"The checkpoint this artifact was built from, '{path}', is missing; "
+                            "pass it with --checkpoint PATH.")
+        if weights.get("sha256") and sha256_file(path) != weights["sha256"]:
+            raise UserError(f"Checkpoint '{path}' differs from the one this artifact was built "
+                            "from (sha256 mismatch); pass the original or rebuild the artifact.")
+        load_into(model, read_state_dict(path), artifact.manifest["model"]["name"])
+    else:
+        raise UserError(f"{MANIFEST} in '{artifact.path}' does not say which weights it was "
+                        f"built from; {REBUILD}.")
+    return model.to(dtype=artifact.dtype).eval().requires_grad_(False)
+
+
+def rehash(artifact_dir: Path) -> None:
+    """Rewrite the manifest's file hashes after a deliberate edit (tests, manual surgery)."""
+    manifest_path = Path(artifact_dir) / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"] = {name: {"sha256": sha256_file(Path(artifact_dir) / name),
+                                "bytes": (Path(artifact_dir) / name).stat().st_size}
+                         for name in manifest["files"]}
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")

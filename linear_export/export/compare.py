@@ -1,0 +1,190 @@
+"""Step-by-step comparison of an engine against the PyTorch reference, with Polygraphy."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from polygraphy.comparator import IterationResult, SimpleCompareFunc
+from polygraphy.logger import G_LOGGER
+
+from ..engines.base import Engine, StepOutput
+from ..runtime.cache import KVCache
+from ..runtime.generate import generate
+from ..runtime.policies import Policy
+from ..runtime.sampling import SamplingConfig, guide
+
+OUTPUTS = ("logits", "present_key", "present_value", "attn_mass")
+NOSCORES = " (noscores)"
+# (atol, rtol) per output; an element passes when within either (Polygraphy's elemwise check).
+# fp32: the DESIGN's 1e-4 on logits. fp16: a few ulps of values of order 1-10, where torch's
+# and ORT's kernels round differently.
+TOLERANCES: dict[str, dict[str, tuple[float, float]]] = {
+    "fp32": {"logits": (1e-4, 1e-4), "present_key": (1e-4, 1e-4),
+             "present_value": (1e-4, 1e-4), "attn_mass": (1e-5, 1e-4)},
+    "fp16": {"logits": (5e-2, 2e-2), "present_key": (2e-2, 1e-2),
+             "present_value": (2e-2, 1e-2), "attn_mass": (5e-3, 2e-2)},
+}
+
+
+@dataclass
+class OutputStats:
+    """One output's errors over every compared step."""
+
+    name: str
+    atol: float
+    rtol: float
+    steps: int = 0
+    failed_steps: int = 0
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    first_failure: int | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.failed_steps == 0
+
+
+@dataclass
+class PolicyReport:
+    policy: str
+    capacity: int  # the cache the engines ran with (the artifact's)
+    needed: int  # what the policy itself needs
+    steps: int
+    outputs: dict[str, OutputStats]
+    teacher_forced_token_mismatches: int  # steps where the candidate's greedy pick differs
+    free_run_token_mismatches: int  # tokens differing between the two engines' own generations
+    first_free_run_mismatch: int | None
+    # fp32 must pick identical greedy tokens; in fp16 a near-tie may flip, which is reported.
+    require_identical_tokens: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        tokens_ok = self.free_run_token_mismatches == 0 or not self.require_identical_tokens
+        return all(stats.passed for stats in self.outputs.values()) and tokens_ok
+
+
+class LockstepEngine:
+    """Feeds the reference's inputs and cache to both engines; the loop follows the reference.
+
+    Every output of every step is compared with Polygraphy's SimpleCompareFunc. Scores are
+    always asked for, so attn_mass is checked on every step; when the loop needs no scores and
+    the candidate has a score-free variant, that variant is run and checked too.
+    """
+
+    name = "lockstep"
+
+    def __init__(self, reference: Engine, candidate: Engine, tolerances: dict, cfg_scale: float):
+        self.reference, self.candidate, self.cfg_scale = reference, candidate, cfg_scale
+        self.config, self.layout = reference.config, reference.layout
+        self.dtype, self.device = reference.dtype, reference.device
+        names = list(OUTPUTS) + [name + NOSCORES for name in OUTPUTS[:3]]
+        self.stats = {name: OutputStats(name, *tolerances[name.removesuffix(NOSCORES)])
+                      for name in names}
+        self.compare = SimpleCompareFunc(
+            atol={name: stats.atol for name, stats in self.stats.items()},
+            rtol={name: stats.rtol for name, stats in self.stats.items()},
+            check_error_stat="elemwise",
+        )
+        self.steps = 0
+        self.token_mismatches = 0
+
+    def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache,
+             need_scores: bool = True) -> StepOutput:
+        reference = self.reference.step(input_ids, position_ids, cache, True)
+        candidate = self.candidate.step(input_ids, position_ids, cache, True)
+        self._compare(reference, candidate, OUTPUTS, "")
+        if self._pick(candidate.logits).ne(self._pick(reference.logits)).any():
+            self.token_mismatches += 1
+        has_noscores = getattr(self.candidate, "has_noscores", lambda: False)()
+        if not need_scores and has_noscores:
+            fast = self.candidate.step(input_ids, position_ids, cache, False)
+            self._compare(reference, fast, OUTPUTS[:3], NOSCORES)
+        self.steps += 1
+        return StepOutput(reference.logits, reference.present_key, reference.present_value,
+                          reference.attn_mass if need_scores else None)
+
+    def _pick(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.cfg_scale > 1.0:
+            logits = guide(logits, self.cfg_scale)
+        return logits.argmax(dim=-1)
+
+    def _compare(self, reference: StepOutput, candidate: StepOutput, names: Sequence[str],
+                 suffix: str) -> None:
+        def arrays(out: StepOutput) -> dict[str, np.ndarray]:
+            return {name + suffix: getattr(out, name).detach().cpu().numpy() for name in names}
+
+        with G_LOGGER.verbosity(G_LOGGER.CRITICAL), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # Relative errors are taken against the second result: the reference.
+            results = self.compare(IterationResult(arrays(candidate), runner_name="candidate"),
+                                   IterationResult(arrays(reference), runner_name="reference"))
+        for name, result in results.items():
+            stats = self.stats[name]
+            stats.steps += 1
+            stats.max_abs = max(stats.max_abs, float(result.max_absdiff))
+            stats.max_rel = max(stats.max_rel, float(result.max_reldiff))
+            if not bool(result):
+                stats.failed_steps += 1
+                if stats.first_failure is None:
+                    stats.first_failure = self.steps
+
+
+def compare_engines(
+    reference: Engine,
+    candidate: Engine,
+    policy: Policy,
+    class_ids: Sequence[int],
+    *,
+    cfg_scale: float,
+    dtype_name: str,
+    seed: int = 0,
+) -> PolicyReport:
+    """Teacher-forced per-step comparison plus greedy token identity of free-running generations.
+
+    `policy` must already be sized for the candidate (see engines.ort.fit_policy).
+    """
+    greedy = SamplingConfig(cfg_scale=cfg_scale, temperature=0.0)
+    lockstep = LockstepEngine(reference, candidate, TOLERANCES[dtype_name], cfg_scale)
+    expected = generate(lockstep, class_ids, policy, greedy, seed=seed).tokens
+    own = generate(candidate, class_ids, policy, greedy, seed=seed).tokens
+    differing = (own != expected).flatten(1).any(0).nonzero()
+    return PolicyReport(
+        policy=policy.name,
+        capacity=policy.capacity,
+        needed=getattr(policy, "needed", policy.capacity),
+        steps=lockstep.steps,
+        outputs={name: stats for name, stats in lockstep.stats.items() if stats.steps},
+        teacher_forced_token_mismatches=lockstep.token_mismatches,
+        free_run_token_mismatches=int((own != expected).sum()),
+        first_free_run_mismatch=int(differing[0]) if len(differing) else None,
+        require_identical_tokens=dtype_name == "fp32",
+    )
+
+
+def format_report(report: PolicyReport) -> str:
+    """The per-output error table, then token identity, one policy."""
+    slots = f"cache {report.capacity} slots" + (
+        f", the policy needs {report.needed}" if report.needed != report.capacity else "")
+    lines = [f"policy {report.policy} ({slots}, {report.steps} steps):",
+             f"  {'output':<28}{'max abs':>11}{'max rel':>11}{'atol':>9}{'rtol':>9}"
+             f"{'steps':>7}  result"]
+    for stats in report.outputs.values():
+        verdict = "pass" if stats.passed else (
+            f"FAIL ({stats.failed_steps} steps, first at step {stats.first_failure})")
+        lines.append(f"  {stats.name:<28}{stats.max_abs:>11.3g}{stats.max_rel:>11.3g}"
+                     f"{stats.atol:>9.0e}{stats.rtol:>9.0e}{stats.steps:>7}  {verdict}")
+    lines.append(f"  greedy picks differing under teacher forcing: "
+                 f"{report.teacher_forced_token_mismatches} of {report.steps} steps")
+    if report.free_run_token_mismatches:
+        verdict = "FAIL" if report.require_identical_tokens else "informational in fp16"
+        lines.append(f"  free-running greedy tokens: {verdict} ({report.free_run_token_mismatches}"
+                     f" differ, first at image token {report.first_free_run_mismatch})")
+    else:
+        lines.append("  free-running greedy tokens: identical (pass)")
+    lines.extend(f"  note: {note}" for note in report.notes)
+    return "\n".join(lines)

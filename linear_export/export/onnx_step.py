@@ -1,0 +1,256 @@
+"""Export the decode step (DESIGN.md contract) to ONNX with the dynamo exporter, and check it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+
+from ..models.gpt import GPT, StepModule
+from .split_cache import CACHE_INPUTS, layer_input, split_cache_inputs
+
+INPUT_NAMES = ("input_ids", "position_ids", "past_key", "past_value", "cache_len")
+OUTPUT_NAMES = ("logits", "present_key", "present_value", "attn_mass")
+DEFAULT_OPSET = 18
+BATCH, STEPS = "batch", "steps"  # the symbolic dims' names in the graph
+ALIGN = 4096  # offsets of appended external tensors, so they stay mmap-friendly
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy name: float32, float16, int64
+    shape: tuple[int | str, ...]  # ints are static, strings symbolic
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+def output_names(with_scores: bool) -> tuple[str, ...]:
+    return OUTPUT_NAMES if with_scores else OUTPUT_NAMES[:3]
+
+
+def example_inputs(model: GPT, capacity: int) -> tuple[torch.Tensor, ...]:
+    """B = T = 2: the dynamo exporter specialises any dimension whose example size is 1."""
+    config, batch, steps = model.config, 2, 2
+    dtype = model.output.weight.dtype
+    cache = (config.n_layer, batch, config.kv_heads, capacity, config.head_dim)
+    prefix = model.layout.prefix
+    return (
+        torch.zeros(batch, steps, dtype=torch.long),
+        torch.arange(prefix, prefix + steps).expand(batch, -1).clone(),
+        torch.zeros(cache, dtype=dtype),
+        torch.zeros(cache, dtype=dtype),
+        torch.tensor(1, dtype=torch.long),
+    )
+
+
+def export_step(
+    model: GPT,
+    path: Path,
+    *,
+    capacity: int,
+    with_scores: bool = True,
+    max_batch: int = 64,
+    opset: int = DEFAULT_OPSET,
+    split_cache: bool = False,
+) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Write `path` (+ `path.data`, all weights) and return its checked input/output specs.
+
+    `split_cache`: per-layer cache inputs (see split_cache.py) instead of the stacked ones.
+    """
+    if capacity < 2:
+        raise ValueError(f"capacity {capacity} is too small to export (need at least 2 slots)")
+    model = model.eval()
+    batch = torch.export.Dim(BATCH, min=1, max=max(2, max_batch))
+    steps = torch.export.Dim(STEPS, min=1, max=capacity)
+    dynamic_shapes = {
+        "input_ids": {0: batch, 1: steps},
+        "position_ids": {0: batch, 1: steps},
+        "past_key": {1: batch},
+        "past_value": {1: batch},
+        "cache_len": None,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        # The exporter warns about every renamed axis and deprecated pytree internals: noise.
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.onnx.export(
+            StepModule(model, with_scores=with_scores).eval(),
+            example_inputs(model, capacity),
+            str(path),
+            dynamo=True,
+            opset_version=opset,
+            input_names=list(INPUT_NAMES),
+            output_names=list(output_names(with_scores)),
+            dynamic_shapes=dynamic_shapes,
+            external_data=True,
+            verbose=False,
+        )
+    if split_cache:
+        split_cache_inputs(path, model.config.n_layer)
+    onnx.checker.check_model(str(path))  # the path form, so external data is checked too
+    return check_step_graph(path, model, capacity, with_scores, split_cache)
+
+
+def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
+    tensor = value.type.tensor_type
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+    shape = tuple(dim.dim_param or dim.dim_value for dim in tensor.shape.dim)
+    return TensorSpec(value.name, dtype, shape)
+
+
+def check_step_graph(
+    path: Path, model: GPT, capacity: int, with_scores: bool, split_cache: bool = False
+) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Fail loudly unless the IO is the contract's, symbolic in B and T, with no cache copy."""
+    path = Path(path)
+    proto = onnx.load(str(path), load_external_data=False)
+    inputs = [_spec(value) for value in proto.graph.input]
+    outputs = [_spec(value) for value in proto.graph.output]
+    config = model.config
+    float_name = str(model.output.weight.dtype).removeprefix("torch.")
+    layers, heads, kv_heads, dim = config.n_layer, config.n_head, config.kv_heads, config.head_dim
+    cache = (layers, BATCH, kv_heads, capacity, dim)
+    present = (layers, BATCH, kv_heads, STEPS, dim)
+    if split_cache:
+        caches = [TensorSpec(layer_input(name, layer), float_name, cache[1:])
+                  for name in CACHE_INPUTS for layer in range(layers)]
+    else:
+        caches = [TensorSpec(name, float_name, cache) for name in CACHE_INPUTS]
+    expected = [
+        TensorSpec("input_ids", "int64", (BATCH, STEPS)),
+        TensorSpec("position_ids", "int64", (BATCH, STEPS)),
+        *caches,
+        TensorSpec("cache_len", "int64", ()),
+        TensorSpec("logits", "float32", (BATCH, config.vocab_size)),
+        TensorSpec("present_key", float_name, present),
+        TensorSpec("present_value", float_name, present),
+        TensorSpec("attn_mass", "float32", (layers, BATCH, heads, capacity)),
+    ][: None if with_scores else -1]
+    _match(inputs + outputs, expected, path.name)
+    _check_no_cache_sized_values(proto, layers, capacity, path.name)
+    return inputs, outputs
+
+
+def _match(got: list[TensorSpec], want: list[TensorSpec], name: str) -> None:
+    """Static dims must be equal; B and T must each be one symbol, used consistently."""
+    symbols: dict[str, str] = {}
+    problem = [g.name for g in got] != [w.name for w in want]
+    for g, w in zip(got, want, strict=False):
+        problem |= g.dtype != w.dtype or len(g.shape) != len(w.shape)
+        for have, expect in zip(g.shape, w.shape, strict=False):
+            if isinstance(expect, int):
+                problem |= have != expect
+            elif not isinstance(have, str) or not have:
+                problem = True  # a specialised (static) B or T: the pitfall in DESIGN.md
+            else:
+                problem |= symbols.setdefault(expect, have) != have
+    problem |= len(set(symbols.values())) != len(symbols)
+    if problem:
+        raise RuntimeError(
+            f"{name}: exported IO {[s.to_json() for s in got]} does not match the step contract "
+            f"{[s.to_json() for s in want]} (B and T must stay symbolic)"
+        )
+
+
+def _check_no_cache_sized_values(
+    proto: onnx.ModelProto, layers: int, capacity: int, name: str
+) -> None:
+    """Only the inputs may have the whole cache's shape: outputs carry this step's K/V only."""
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    inputs = {value.name for value in proto.graph.input}
+    for value in list(inferred.graph.value_info) + list(inferred.graph.output):
+        dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+        whole = len(dims) == 5 and dims[0] == layers and dims[3] == capacity
+        if whole and value.name not in inputs:
+            raise RuntimeError(f"{name}: value '{value.name}' {dims} has the whole cache's shape; "
+                               "the step must output only its own keys and values")
+
+
+def share_external_data(source: Path, target: Path) -> None:
+    """Point `source`'s external tensors into `target`'s data file, appending only new tensors.
+
+    A tensor with the same bytes as one of `target`'s reuses its offset (matched by content:
+    the exporter names constant-folded weights differently in each export), so a second variant
+    of the step costs a graph file, not a second copy of the weights. `source` is rewritten to
+    refer to `target.name + '.data'` and its own data file is deleted.
+    """
+    target_data = target.with_name(target.name + ".data")
+    known: dict[tuple[int, bytes], int] = {}
+    for tensor in onnx.load(str(target), load_external_data=False).graph.initializer:
+        info = _external(tensor)
+        if info is not None:
+            _, offset, length = info
+            known[length, _digest(_read(target_data, offset, length))] = offset
+    proto = onnx.load(str(source), load_external_data=False)
+    old_locations = set()
+    with open(target_data, "r+b") as data_file:
+        for tensor in proto.graph.initializer:
+            info = _external(tensor)
+            if info is None:
+                continue
+            location, offset, length = info
+            old_locations.add(location)
+            payload = _read(source.parent / location, offset, length)
+            key = (length, _digest(payload))
+            if key not in known:
+                data_file.seek(0, os.SEEK_END)
+                end = data_file.tell()
+                known[key] = (end + ALIGN - 1) // ALIGN * ALIGN
+                data_file.write(b"\0" * (known[key] - end) + payload)
+            _set_external(tensor, target_data.name, known[key], length)
+    onnx.save_model(proto, str(source))
+    for location in old_locations - {target_data.name}:
+        (source.parent / location).unlink(missing_ok=True)
+
+
+def _external(tensor: onnx.TensorProto) -> tuple[str, int, int] | None:
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    entries = {entry.key: entry.value for entry in tensor.external_data}
+    return entries["location"], int(entries.get("offset", 0)), int(entries["length"])
+
+
+def _set_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def _read(path: Path, offset: int, length: int) -> bytes:
+    with open(path, "rb") as file:
+        file.seek(offset)
+        return file.read(length)
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def export_noscores_sharing(
+    model: GPT, directory: Path, main: Path, *, capacity: int, max_batch: int, opset: int,
+    name: str = "step_noscores.onnx", split_cache: bool = False,
+) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Export the score-free variant into `directory/name`, sharing `main`'s weight file."""
+    scratch = Path(tempfile.mkdtemp(dir=directory, prefix=".noscores."))
+    try:
+        specs = export_step(model, scratch / name, capacity=capacity, with_scores=False,
+                            max_batch=max_batch, opset=opset, split_cache=split_cache)
+        share_external_data(scratch / name, main)
+        # The graph now names main's data file, so it must sit beside it.
+        os.replace(scratch / name, directory / name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    onnx.checker.check_model(str(directory / name))
+    return specs

@@ -1,0 +1,141 @@
+"""OrtEngine: same greedy images as PyTorch, IOBinding without per-step allocation, caching."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from artifact_fixtures import built, model_for, one_torch_thread  # noqa: F401
+
+from linear_export.engines import ENGINES, make_engine
+from linear_export.engines import ort as ort_module
+from linear_export.engines.ort import OrtEngine, fit_policy
+from linear_export.engines.torch import TorchEngine
+from linear_export.errors import UserError
+from linear_export.export.compare import compare_engines, format_report
+from linear_export.runtime.cache import CacheShape, KVCache
+from linear_export.runtime.generate import generate
+from linear_export.runtime.policies import Policy, PolicyConfig
+from linear_export.runtime.sampling import SamplingConfig
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+TINY = {"name": "GPT-tiny", "with_noscores": True}
+GREEDY = SamplingConfig(cfg_scale=4.0, temperature=0.0)
+
+
+def policies(layout) -> list[Policy]:
+    return [Policy(PolicyConfig("full"), layout),
+            Policy(PolicyConfig("linear", budget=2 * layout.width), layout)]
+
+
+def test_registered_and_shaped_like_the_torch_engine() -> None:
+    assert "ort" in ENGINES
+    engine = make_engine("ort", artifact=built(**TINY))
+    reference = TorchEngine(model_for())
+    assert engine.name == "ort"
+    for field in ("config", "layout", "dtype", "device"):
+        assert getattr(engine, field) == getattr(reference, field), field
+    with pytest.raises(UserError, match="--artifact"):
+        make_engine("ort")
+
+
+@pytest.mark.parametrize("policy_index", [0, 1], ids=["full", "linear"])
+def test_greedy_tokens_identical_over_a_whole_image(policy_index: int) -> None:
+    model, engine = model_for(), OrtEngine(built(**TINY))
+    policy = policies(model.layout)[policy_index]
+    want = generate(TorchEngine(model), [1, 7], policy, GREEDY)
+    got = generate(engine, [1, 7], fit_policy(policy, engine.capacity), GREEDY)
+    assert torch.equal(got.tokens, want.tokens)
+    assert got.stats.evictions == want.stats.evictions == (3 if policy.name == "linear" else 0)
+    assert len(set(want.tokens.flatten().tolist())) > 5  # not a degenerate constant image
+
+
+def test_greedy_tokens_identical_at_the_exact_linear_capacity_per_layer() -> None:
+    model = model_for()
+    engine = OrtEngine(built("GPT-tiny", capacity=19, split_cache=True))
+    policy = policies(model.layout)[1]
+    assert policy.capacity == engine.capacity == 19
+    want = generate(TorchEngine(model), [4, 5, 6], policy, GREEDY)
+    got = generate(engine, [4, 5, 6], fit_policy(policy, engine.capacity), GREEDY)
+    assert torch.equal(got.tokens, want.tokens)
+
+
+def test_lockstep_comparison_passes_with_polygraphy() -> None:
+    model, engine = model_for(), OrtEngine(built(**TINY))
+    policy = fit_policy(policies(model.layout)[1], engine.capacity)
+    report = compare_engines(TorchEngine(model), engine, policy, [2, 3], cfg_scale=4.0,
+                             dtype_name="fp32")
+    assert report.passed, format_report(report)
+    assert report.steps == 36 and report.free_run_token_mismatches == 0
+    assert report.outputs["logits"].steps == 36
+    assert report.outputs["attn_mass"].max_abs < 1e-5
+    # Steps that need no scores also ran (and matched) the score-free variant.
+    assert 0 < report.outputs["logits (noscores)"].steps < 36
+    table = format_report(report)
+    assert "logits" in table and "FAIL" not in table
+
+
+def test_outputs_are_preallocated_once_per_shape() -> None:
+    engine = OrtEngine(built(**TINY))
+    seen: dict[tuple, set] = {}
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(engine, name)
+
+        def step(self, input_ids, position_ids, cache, need_scores=True):
+            out = engine.step(input_ids, position_ids, cache, need_scores)
+            key = (tuple(input_ids.shape), out.attn_mass is not None)
+            pointers = (out.logits.data_ptr(), out.present_key.data_ptr(),
+                        out.present_value.data_ptr())
+            seen.setdefault(key, set()).add(pointers)
+            return out
+
+    policy = fit_policy(policies(engine.layout)[1], engine.capacity)
+    generate(Recording(), [1, 2], policy, GREEDY)
+    assert all(len(pointers) == 1 for pointers in seen.values()), seen
+    assert len(engine._bindings) == len(seen) <= 2  # (scores, noscores) at B=4, T=1
+
+
+def test_batch_and_capacity_checks() -> None:
+    engine = OrtEngine(built(**TINY))
+    config = engine.config
+    shape = CacheShape(config.n_layer, 9, config.kv_heads, engine.capacity, config.head_dim)
+    ids, positions = torch.zeros(9, 1, dtype=torch.long), torch.ones(9, 1, dtype=torch.long)
+    with pytest.raises(UserError, match="--max-batch 8"):
+        engine.step(ids, positions, KVCache(shape, torch.float32))
+    small = CacheShape(config.n_layer, 2, config.kv_heads, engine.capacity - 1, config.head_dim)
+    with pytest.raises(ValueError, match="capacity"):
+        engine.step(ids[:2], positions[:2], KVCache(small, torch.float32))
+    full = Policy(PolicyConfig("full"), engine.layout)
+    with pytest.raises(UserError, match="--policy full needs 37"):
+        fit_policy(full, 19)
+    linear = Policy(PolicyConfig("linear", budget=18), engine.layout)
+    with pytest.raises(UserError, match="--budget 18"):
+        fit_policy(linear, 19)
+    fitted = fit_policy(policies(engine.layout)[1], 37)
+    assert fitted.capacity == 37 and fitted.budget == 12 and fitted.needed == 19
+
+
+def test_optimized_model_is_cached_beside_the_artifact(tmp_path, monkeypatch) -> None:
+    directory = tmp_path / "artifact"
+    shutil.copytree(built(**TINY), directory, ignore=shutil.ignore_patterns(".ort"))
+    OrtEngine(directory)
+    cached = sorted((directory / ".ort").glob("*/model.onnx"))
+    assert len(cached) == 2  # step and step_noscores
+    loaded = []
+    real = ort_module.ort.InferenceSession
+
+    def recording(path, *args, **kwargs):
+        loaded.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(ort_module.ort, "InferenceSession", recording)
+    OrtEngine(directory)
+    assert sorted(loaded) == sorted(str(path) for path in cached)
+    # A newer source makes the cache stale: the engine goes back to the artifact's graph.
+    (directory / "step.onnx").touch()
+    loaded.clear()
+    OrtEngine(directory)
+    assert str(directory / "step.onnx") in loaded
