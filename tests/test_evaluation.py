@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from conftest import tiny_model
 from linear_export.engines.torch import TorchEngine
 from linear_export.evaluation.metrics import frechet_distance, token_agreement
 from linear_export.evaluation.report import kept_cells_plot, markdown_table, metrics_plot
 from linear_export.evaluation.sweep import EvalSettings, EvalSubject, run_sweep
 from linear_export.models.vq import VQ_CONFIGS, VQModel
 from linear_export.runtime.sampling import SamplingConfig
+
+from conftest import tiny_model
 
 
 def test_frechet_distance_closed_forms() -> None:

@@ -27,9 +27,22 @@ def main() -> None:
 
 
 def _register() -> None:
+    from .build import build
     from .generate import generate
+    from .verify import verify
 
     main.add_command(generate)
+    main.add_command(build)
+    main.add_command(verify)
+    from .eval import eval_command
+
+    main.add_command(eval_command)
+    from .bench import bench
+
+    main.add_command(bench)
+    from .demo import demo
+
+    main.add_command(demo)
 
 
 _register()

@@ -1,0 +1,381 @@
+"""Benchmark measurements: each configuration runs in a fresh child process, round-robin.
+
+A fresh process per run is what makes peak RSS a per-configuration number. The parent only
+plans and collects; the child (`runtime.bench_child`) loads the model, warms up, runs one
+generation and prints a `Measurement` as JSON on its last line.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from tqdm.auto import tqdm
+
+from ..errors import UserError
+from ..models.configs import SequenceLayout
+from .budget import parse_budget
+from .policies import POLICIES, Policy, PolicyConfig
+
+BASELINE = "baseline"  # LlamaGen's own loop (runtime.baseline), measured in every bench
+CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)
+SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mib": 2**20,
+              "mb": 10**6, "g": 2**30, "gib": 2**30, "gb": 10**9, "t": 2**40, "tib": 2**40,
+              "tb": 10**12}
+MAX_CONFIRM_TRIES = 3
+KNOWN_ENGINES = ("torch", "ort", "tensorrt")
+ARTIFACT_ENGINES = ("ort", "tensorrt")  # engines that run a built artifact, not torch weights
+
+
+def parse_size(text: str) -> int:
+    """'8GiB' -> 8 * 2**30 bytes; KB/MB/GB are decimal, KiB/MiB/GiB and bare K/M/G binary."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*", str(text).lower())
+    value = float(match[1]) * SIZE_UNITS[match[2]] if match and match[2] in SIZE_UNITS else 0
+    if value < 1:
+        raise UserError(f"--memory-limit '{text}' is not a size; give a number with a unit such "
+                        "as 8GiB, 8GB or 512MiB.")
+    return int(value)
+
+
+def parse_policy(spec: str, layout: SequenceLayout) -> Policy:
+    """'full', 'linear:1/4', 'streaming:96', 'window:4lines' -> a validated Policy."""
+    name, _, budget = spec.strip().partition(":")
+    if name not in POLICIES:
+        raise UserError(f"Unknown policy '{spec}' in --policies; use NAME or NAME:BUDGET with "
+                        f"NAME one of {', '.join(POLICIES)}, e.g. linear:1/4.")
+    if name == "full":
+        if budget:
+            raise UserError(f"Policy '{spec}': full keeps the whole cache and takes no budget.")
+        return Policy(PolicyConfig("full"), layout)
+    try:
+        return Policy(PolicyConfig(name, budget=parse_budget(budget or "1/4", layout)), layout)
+    except UserError as error:  # say which spec: the budget's own message names --budget
+        raise UserError(f"In --policies '{spec}': {error}") from None
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What one `linear-export bench` run measures."""
+
+    model: str = "GPT-B"
+    checkpoint: str | None = None  # None: seeded random weights
+    image_size: int = 256
+    engines: tuple[str, ...] = ("torch",)
+    policies: tuple[str, ...] = ("full", "linear:1/4", "linear:1/6")
+    batch_sizes: tuple[int, ...] = (8,)
+    cfg_scale: float = 4.0
+    top_k: int = 1000
+    repeats: int = 3
+    dtype: str = "fp32"
+    device: str = "cpu"
+    seed: int = 0
+    warmup_steps: int = 3
+    threads: int | None = None  # torch and ort intra-op threads per child; None: their default
+    memory_limit: int | None = None  # bytes; None: no max-batch search
+    fit_batches: tuple[int, int] = (1, 4)
+    artifacts_dir: str | None = None  # keep and reuse built artifacts here
+    artifacts: dict[str, str] = field(default_factory=dict)  # ort: policy spec -> artifact dir
+
+
+@dataclass(frozen=True)
+class Job:
+    """One generation in one child process."""
+
+    engine: str
+    policy: str
+    batch: int
+    config: BenchConfig
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return self.engine, self.policy, self.batch
+
+
+@dataclass
+class Measurement:
+    """What one child measured."""
+
+    seconds: float
+    images: int
+    step_ms: float  # median over the generation's decode steps, sampling and eviction included
+    kv_capacity: int
+    kv_bytes: int
+    peak_rss_bytes: int
+    peak_cuda_bytes: int | None
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds
+
+
+@dataclass
+class Result:
+    """One (engine, policy, batch): medians over repeats, and ratios against the references."""
+
+    engine: str
+    policy: str
+    batch: int
+    images_per_s: float
+    step_ms: float
+    kv_capacity: int
+    kv_bytes: int
+    peak_rss_bytes: int
+    peak_cuda_bytes: int | None
+    runs: list[Measurement]
+    vs_full: dict[str, float] | None = None  # value / value of `full` on the same engine
+    vs_baseline: dict[str, float] | None = None  # value / value of the baseline loop
+
+    RATIO_FIELDS: ClassVar[tuple[str, ...]] = (
+        "images_per_s", "step_ms", "kv_bytes", "peak_rss_bytes")
+
+    @classmethod
+    def from_runs(cls, job: Job, runs: list[Measurement]) -> Result:
+        def median(name: str):
+            values = [getattr(run, name) for run in runs]
+            return None if None in values else statistics.median(values)
+
+        return cls(job.engine, job.policy, job.batch, median("images_per_s"), median("step_ms"),
+                   runs[0].kv_capacity, runs[0].kv_bytes, int(median("peak_rss_bytes")),
+                   median("peak_cuda_bytes"), runs)
+
+    def ratios(self, reference: Result) -> dict[str, float]:
+        return {name: getattr(self, name) / getattr(reference, name) for name in self.RATIO_FIELDS}
+
+
+@dataclass
+class MaxBatch:
+    """The largest batch whose peak RSS stays under the limit, from a linear fit and a check."""
+
+    engine: str
+    policy: str
+    memory_limit: int
+    fit: list[tuple[int, int]]  # (batch, measured peak RSS) the line was fitted to
+    fixed_bytes: float
+    per_image_bytes: float
+    predicted: int | None  # None: the fit is unusable (RSS did not grow with the batch)
+    tried: list[tuple[int, int]] = field(default_factory=list)  # (batch, peak RSS) confirmations
+    batch: int | None = None  # the largest batch measured under the limit
+    peak_rss_bytes: int | None = None
+    images_per_s: float | None = None
+    step_ms: float | None = None
+    note: str = ""  # why no batch was confirmed
+
+
+def ratio_table(results: list[Result]) -> None:
+    """Fill each result's ratios against `full` on its engine and the baseline, same batch."""
+    index = {(r.engine, r.policy, r.batch): r for r in results}
+    for result in results:
+        full = index.get((result.engine, "full", result.batch))
+        baseline = index.get((BASELINE, "full", result.batch))
+        result.vs_full = result.ratios(full) if full and result.engine != BASELINE else None
+        result.vs_baseline = result.ratios(baseline) if baseline else None
+
+
+def plan(config: BenchConfig) -> list[Job]:
+    """The configurations of one repeat: the baseline loop, then every engine x policy."""
+    jobs = []
+    for batch in config.batch_sizes:
+        jobs.append(Job(BASELINE, "full", batch, config))
+        jobs += [Job(engine, policy, batch, config)
+                 for engine in config.engines for policy in config.policies]
+    return jobs
+
+
+def run_child(job: Job) -> Measurement:
+    """Measure `job` in a fresh interpreter; a child that fails raises with its last words."""
+    payload = json.dumps(asdict(job))
+    done = subprocess.run([sys.executable, "-m", "linear_export.runtime.bench_child", payload],
+                          capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    last = (done.stderr.strip().splitlines() or [""])[-1]
+    if done.returncode == 2 and last.startswith("error: "):
+        raise UserError(last.removeprefix("error: "))
+    if done.returncode != 0:
+        reason = "killed (out of memory?)" if done.returncode < 0 else "failed"
+        tail = done.stderr.strip().splitlines()[-3:]
+        raise RuntimeError(f"{job.engine}/{job.policy}/batch {job.batch} {reason}: "
+                           + " | ".join(tail))
+    return Measurement(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def measure(config: BenchConfig, runner: Callable[[Job], Measurement] = run_child,
+            progress: bool = True) -> list[Result]:
+    """Every configuration `repeats` times, alternating: repeat r runs them all, rotated by r."""
+    jobs = plan(config)
+    runs: dict[tuple, list[Measurement]] = {job.key: [] for job in jobs}
+    with tqdm(total=len(jobs) * config.repeats, unit="run", disable=not progress) as bar:
+        for repeat in range(config.repeats):
+            shift = repeat % len(jobs)  # no configuration always runs first (warm caches, turbo)
+            for job in jobs[shift:] + jobs[:shift]:
+                bar.set_description(f"{job.engine} {job.policy} b{job.batch}")
+                runs[job.key].append(runner(job))
+                bar.update(1)
+    results = [Result.from_runs(job, runs[job.key]) for job in jobs]
+    ratio_table(results)
+    return results
+
+
+def fit_line(points: Iterable[tuple[int, int]]) -> tuple[float, float]:
+    """The line RSS(b) = fixed + per_image * b through the smallest and largest batch."""
+    (b1, r1), (b2, r2) = sorted(points)[0], sorted(points)[-1]
+    if b1 == b2:
+        raise ValueError("two different batch sizes are needed to fit the memory model")
+    per_image = (r2 - r1) / (b2 - b1)
+    return r1 - per_image * b1, per_image
+
+
+def predict_batch(fixed: float, per_image: float, limit: int) -> int:
+    if per_image <= 0:
+        return 0
+    return max(0, math.floor((limit - fixed) / per_image))
+
+
+def max_batch(config: BenchConfig, engine: str, policy: str, known: dict[int, Measurement],
+              runner: Callable[[Job], Measurement] = run_child) -> MaxBatch:
+    """Fit RSS(b) on two batches, predict the largest under the limit, then run it to confirm.
+
+    A confirmation above the limit refits through it and the nearest smaller measured batch
+    and tries again (secant steps), at most MAX_CONFIRM_TRIES runs.
+    """
+    limit = config.memory_limit
+    assert limit is not None
+    measured = dict(known)
+    for batch in config.fit_batches:
+        if batch not in measured:
+            measured[batch] = runner(Job(engine, policy, batch, config))
+    points = [(b, measured[b].peak_rss_bytes) for b in config.fit_batches]
+    fixed, per_image = fit_line(points)
+    result = MaxBatch(engine, policy, limit, points, fixed, per_image, None)
+    if per_image <= 0:
+        result.note = ("peak RSS did not grow with the batch (noise exceeds the per-image "
+                       "memory); fit on batches further apart with --fit-batches")
+        return result
+    result.predicted = guess = predict_batch(fixed, per_image, limit)
+    while guess > 0 and len(result.tried) < MAX_CONFIRM_TRIES:
+        run = measured.get(guess) or runner(Job(engine, policy, guess, config))
+        measured[guess] = run
+        result.tried.append((guess, run.peak_rss_bytes))
+        if run.peak_rss_bytes <= limit:
+            result.batch, result.peak_rss_bytes = guess, run.peak_rss_bytes
+            result.images_per_s, result.step_ms = run.images_per_s, run.step_ms
+            return result
+        below = [b for b in measured if b < guess]
+        next_guess = guess - 1
+        if below:  # secant step through the nearest smaller measured batch
+            f, p = fit_line([(max(below), measured[max(below)].peak_rss_bytes),
+                             (guess, run.peak_rss_bytes)])
+            next_guess = min(next_guess, predict_batch(f, p, limit))
+        guess = next_guess
+    result.note = ("the fixed memory alone exceeds the limit" if result.predicted == 0 else
+                   f"no batch measured under the limit in {len(result.tried)} tries")
+    return result
+
+
+def available_engines(spec: str, device: str) -> tuple[list[str], dict[str, str]]:
+    """The requested engines that can run here, and why each of the others is skipped."""
+    from ..engines import ENGINES
+
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = [name for name in names if name not in KNOWN_ENGINES]
+    if unknown or not names:
+        raise UserError(f"Unknown engine '{(unknown or [spec])[0]}' in --engines; choose from "
+                        f"{', '.join(KNOWN_ENGINES)}.")
+    chosen, skipped = [], {}
+    for name in dict.fromkeys(names):
+        if name == "tensorrt" and importlib.util.find_spec("tensorrt") is None:
+            skipped[name] = ("the tensorrt package is not installed (its libraries come only "
+                             "from NVIDIA's package index)")
+        elif name == "tensorrt" and not device.startswith("cuda"):
+            skipped[name] = "TensorRT runs on NVIDIA GPUs only; pass --device cuda"
+        elif name not in ENGINES:
+            skipped[name] = f"this linear-export has no {name} engine (it has {', '.join(ENGINES)})"
+        elif name == "ort" and importlib.util.find_spec("onnxruntime") is None:
+            skipped[name] = "onnxruntime is not installed; pip install onnxruntime(-gpu)"
+        else:
+            chosen.append(name)
+    if not chosen:
+        raise UserError(f"None of --engines '{spec}' can run here; add torch.")
+    return chosen, skipped
+
+
+def _reusable(path: Path, wanted: dict) -> bool:
+    """Whether the artifact at `path` was built for exactly this model, weights and capacity."""
+    from ..export.artifact import load_artifact
+
+    if not path.is_dir():
+        return False
+    try:
+        manifest = load_artifact(path).manifest
+    except UserError:
+        return False
+    have = {"model": manifest["model"]["name"], "image_size": manifest["image_size"],
+            "dtype": manifest["dtype"], "capacity": manifest["capacity"],
+            "weights": manifest["weights"], "variants": manifest["build"].get("variants")}
+    return (all(have[key] == wanted[key] for key in have)
+            and manifest["build"]["max_batch"] >= wanted["max_batch"])
+
+
+@contextmanager
+def prepare_artifacts(config: BenchConfig, log: Callable[[str], None]) -> Iterator[dict]:
+    """One artifact per distinct cache capacity for the artifact engines (built untimed).
+
+    Yields {policy spec: artifact dir}. Without `artifacts_dir` they are built in a temporary
+    directory and deleted afterwards; with it, matching ones are reused and new ones kept.
+    """
+    engines = [name for name in config.engines if name in ARTIFACT_ENGINES]
+    if not engines:
+        yield {}
+        return
+    from ..engines import make_engine
+    from ..export.artifact import build_artifact, sha256_file
+    from ..models import load_gpt
+
+    weights = ({"source": "random", "seed": config.seed, "std": 0.02} if config.checkpoint is None
+               else {"source": "checkpoint", "path": str(Path(config.checkpoint).resolve()),
+                     "sha256": sha256_file(Path(config.checkpoint))})
+    rows = (2 if config.cfg_scale > 1 else 1) * max(*config.batch_sizes, *config.fit_batches)
+    # The max-batch search may go far above the measured batches: a generous profile.
+    max_rows = 4096 if config.memory_limit is not None else max(64, rows)
+    keep = config.artifacts_dir is not None
+    work = Path(config.artifacts_dir) if keep else Path(tempfile.mkdtemp(prefix="le-bench."))
+    # The exporter logs a warning per torchvision op it cannot register: noise here.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    model = None
+    try:
+        paths: dict[str, str] = {}
+        for spec in config.policies:
+            if model is None:
+                model = load_gpt(config.model, config.image_size, config.checkpoint,
+                                 dtype=config.dtype, seed=config.seed)
+            capacity = parse_policy(spec, model.layout).capacity
+            path = work / f"{config.model}-{config.image_size}px-{config.dtype}-c{capacity}"
+            wanted = {"model": config.model, "image_size": config.image_size,
+                      "dtype": config.dtype, "capacity": capacity, "weights": weights,
+                      "variants": ["step.onnx", "step_noscores.onnx"], "max_batch": max_rows}
+            if str(path) not in paths.values() and not _reusable(path, wanted):
+                log(f"building an artifact with {capacity} cache slots for {spec} in {path}")
+                build_artifact(model, path, model_name=config.model,
+                               image_size=config.image_size, weights=weights, capacity=capacity,
+                               build_options={"bench": spec}, max_batch=max_rows,
+                               with_noscores=True, force=True)
+                for engine in engines:  # let each engine cache its optimized graph now
+                    make_engine(engine, artifact=path, device=config.device)
+            paths[spec] = str(path)
+        del model
+        yield paths
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
