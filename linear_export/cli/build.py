@@ -101,7 +101,7 @@ def build_from_options(
               help="Also export step_noscores.onnx, used on steps no policy needs scores for.")
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True,
               help="ONNX opset.")
-@click.option("--cache-inputs", type=click.Choice(["stacked", "per-layer"]), default="stacked",
+@click.option("--cache-inputs", type=click.Choice(["stacked", "per-layer"]), default="per-layer",
               show_default=True,
               help="stacked: past_key/past_value [L, B, Hkv, C, D], the contract's form; "
                    "per-layer: past_key.0 ... [B, Hkv, C, D], bound in place without the "

@@ -59,6 +59,32 @@ def artifact_options(artifact, model_name: str, image_size: int, dtype: str):
     return manifest["model"]["name"], manifest["image_size"], manifest["dtype"]
 
 
+def demo_defaults(model_name, image_size, classes, vq_checkpoint, vq_model):
+    """Checkpoint, model, image size, classes and VQ of the bundled demo, unless given."""
+    from click.core import ParameterSource
+
+    from ..demo import DEMO_DIR, DEMO_IMAGE_SIZE, DEMO_MODEL_NAME, DEMO_VQ_NAME
+
+    context = click.get_current_context()
+
+    def given(name: str) -> bool:
+        return context.get_parameter_source(name) != ParameterSource.DEFAULT
+
+    if given("model_name") and model_name != DEMO_MODEL_NAME:
+        raise UserError(f"No weights given for --model {model_name}; pass --checkpoint PATH or "
+                        "--random-weights (without them the bundled demo model runs).")
+    checkpoint = DEMO_DIR / "gpt.safetensors"
+    if not checkpoint.is_file():
+        raise UserError(f"The bundled demo weights '{checkpoint}' are missing; reinstall "
+                        "linear-export or pass --checkpoint PATH.")
+    if not given("vq_checkpoint"):
+        vq_checkpoint, vq_model = str(DEMO_DIR / "vq.safetensors"), DEMO_VQ_NAME
+    return (str(checkpoint), DEMO_MODEL_NAME,
+            image_size if given("image_size") else DEMO_IMAGE_SIZE,
+            classes if given("classes") else ",".join(str(c) for c in range(10)),
+            vq_checkpoint, vq_model)
+
+
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -103,6 +129,9 @@ def generate(
 ) -> None:
     """Generate class-conditional images with a fixed-capacity KV cache.
 
+    With no --checkpoint, --random-weights or --artifact, the bundled demo model runs
+    (64 px, 10 procedural classes): `linear-export generate --out samples/`.
+
     Example: linear-export generate --checkpoint c2i_B_256.pt --model GPT-B --policy linear
     --budget 1/4 --classes 207,360 --out samples/
     """
@@ -116,8 +145,9 @@ def generate(
         artifact = load_artifact(artifact_dir)
         model_name, image_size, dtype = artifact_options(artifact, model_name, image_size, dtype)
     elif checkpoint is None and not random_weights:
-        raise UserError("No weights given; pass --checkpoint PATH (a LlamaGen c2i GPT) or "
-                        "--random-weights.")
+        # No weights named: run the bundled demo model (trained by `linear-export demo train`).
+        checkpoint, model_name, image_size, classes, vq_checkpoint, vq_model = demo_defaults(
+            model_name, image_size, classes, vq_checkpoint, vq_model)
     if num_images is not None and num_images < 1:
         raise UserError(f"--num-images {num_images} must be at least 1.")
     if batch_size < 1:

@@ -118,7 +118,7 @@ def build_artifact(
     max_batch: int = 64,
     with_noscores: bool = False,
     opset: int = DEFAULT_OPSET,
-    split_cache: bool = False,
+    split_cache: bool = True,
     force: bool = False,
     log: Callable[[str], None] = lambda line: None,
 ) -> Artifact:
