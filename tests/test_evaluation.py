@@ -72,3 +72,31 @@ def test_sweep_invariants_on_a_tiny_model() -> None:
     assert table.count("\n| linear |") == 2
     assert metrics_plot(result).startswith(b"\x89PNG")
     assert kept_cells_plot(result).startswith(b"\x89PNG")
+
+
+def test_eval_quick_on_the_bundled_demo(tmp_path) -> None:
+    """`eval --quick` end to end: what it can honestly assert on a handful of samples."""
+    import json
+
+    import pytest
+    from click.testing import CliRunner
+
+    from linear_export.cli import main
+    from linear_export.demo import DEMO_DIR
+
+    if not (DEMO_DIR / "gpt.safetensors").is_file():
+        pytest.skip("the demo weights are not in this checkout")
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(main, ["eval", "--quick", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = {(row["policy"], row["budget"]): row
+            for row in json.loads((out / "eval.json").read_text())["rows"]}
+    assert rows[("full", "all")]["agreement"] == 1.0
+    assert rows[("linear", "1/1")]["agreement"] == 1.0  # budget 1 is the full cache
+    assert rows[("linear", "1/1")]["nll_delta"] == 0.0
+    assert np.isfinite(rows[("linear", "1/4")]["nll_delta"])
+    assert rows[("linear", "1/4")]["capacity"] == 1 + 64 + 16
+    assert {"eval.md", "metrics.png", "kept_cells.png", "samples_linear.png"} <= {
+        path.name for path in out.iterdir()}
+    again = CliRunner().invoke(main, ["eval", "--quick", "--out", str(out)])
+    assert again.exit_code == 2 and "--force" in again.output

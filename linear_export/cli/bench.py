@@ -200,7 +200,7 @@ def result_rows(results: list[Result]) -> list[list[str]]:
     for r in results:
         kv_share = f"{r.vs_full['kv_bytes']:.3f}" if r.vs_full else "-"
         row = [r.engine, r.policy, str(r.batch), str(r.kv_capacity), f"{r.kv_bytes / MiB:.1f}",
-               f"{r.step_ms:.1f}", f"{r.images_per_s:.3f}", f"{r.peak_rss_bytes / MiB:.0f}",
+               f"{r.step_ms:.1f}", f"{r.images_per_s:.4g}", f"{r.peak_rss_bytes / MiB:.0f}",
                _ratio(r, "vs_full"), _ratio(r, "vs_baseline"), kv_share]
         rows.append(row + ([f"{(r.peak_cuda_bytes or 0) / MiB:.0f}"] if cuda else []))
     return rows
@@ -217,7 +217,7 @@ def limit_rows(limits: list[MaxBatch]) -> list[list[str]]:
         rows.append([m.engine, m.policy, mib(m.memory_limit), mib(m.fixed_bytes),
                      mib(m.per_image_bytes, 1), str(m.predicted), tried, str(m.batch),
                      mib(m.peak_rss_bytes),
-                     "-" if m.images_per_s is None else f"{m.images_per_s:.3f}", m.note or "-"])
+                     "-" if m.images_per_s is None else f"{m.images_per_s:.4g}", m.note or "-"])
     return rows
 
 
@@ -253,8 +253,10 @@ def markdown(report: dict, results: list[Result], limits: list[MaxBatch]) -> str
     ]
     if limits:
         parts += ["", "## Max batch under the memory limit", "",
-                  "Peak RSS fitted as fixed + per image x batch on two batches, the predicted "
-                  "batch then run once.", "", markdown_table(limit_rows(limits))]
+                  "Peak RSS fitted as fixed + per image x batch on two batches; the predicted "
+                  "batch is then run, and a run above the limit refits through it and tries a "
+                  "smaller batch (`tried` lists batch:peak MiB).", "",
+                  markdown_table(limit_rows(limits))]
     if report["skipped_engines"]:
         parts += ["", *(f"- skipped {name}: {why}"
                         for name, why in report["skipped_engines"].items())]

@@ -16,7 +16,8 @@ from ..outputs import check_writable, json_bytes, write_directory
 from ..runtime.policies import POLICIES, PolicyConfig
 from ..runtime.sampling import SamplingConfig
 
-QUICK = {"samples_per_class": 2, "heldout": 10, "real": 40, "budgets": ("1/1", "1/4")}
+QUICK = {"samples_per_class": 1, "heldout": 5, "real": 20, "budgets": ("1/1", "1/4"),
+         "policies": ("full", "linear")}
 
 
 def demo_subject(heldout: int, real: int, seed: int) -> EvalSubject:
@@ -65,7 +66,8 @@ def split_list(text: str) -> tuple[str, ...]:
 @click.option("--cfg-share/--no-cfg-share", default=PolicyConfig.cfg_share, show_default=True)
 @click.option("--score-queries", type=int, default=PolicyConfig.score_queries, show_default=True)
 @click.option("--quick", is_flag=True,
-              help="A small, fast run for CI: 2 samples per class, budgets 1/1 and 1/4.")
+              help="A small, fast run for CI: full and linear at budgets 1/1 and 1/4, one sample "
+                   "per class.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("eval"),
               show_default=True, help="Output directory.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
@@ -80,7 +82,7 @@ def eval_command(policies, budgets, samples_per_class, heldout, real, batch_size
     if quick:
         samples_per_class, heldout, real = (QUICK["samples_per_class"], QUICK["heldout"],
                                             QUICK["real"])
-        budgets = ",".join(QUICK["budgets"])
+        budgets, policies = ",".join(QUICK["budgets"]), ",".join(QUICK["policies"])
     unknown = [name for name in split_list(policies) if name not in POLICIES]
     if unknown:
         raise UserError(f"Unknown policy '{unknown[0]}'; choose from: {', '.join(POLICIES)}.")

@@ -96,6 +96,9 @@ GPT_CONFIGS: dict[str, GPTConfig] = {
         dim=64, n_layer=2, n_head=4, n_kv_head=2, vocab_size=64, num_classes=10,
         multiple_of=32, downsample=4,
     ),
+    # The bundled demo model (linear_export.demo), trained on procedural 64 px shapes.
+    "GPT-demo": GPTConfig(dim=128, n_layer=6, n_head=4, vocab_size=512, num_classes=10,
+                          multiple_of=64, downsample=4),
 }
 
 

@@ -46,6 +46,11 @@ VQ_CONFIGS: dict[str, VQConfig] = {
         codebook_size=64, codebook_embed_dim=8, z_channels=32, ch=32, ch_mult=(1, 2, 2),
         num_res_blocks=1,
     ),
+    # The bundled demo tokenizer (linear_export.demo): 64 px -> 16x16 codes, 512 entries.
+    "VQ-demo": VQConfig(
+        codebook_size=512, codebook_embed_dim=8, z_channels=64, ch=16, ch_mult=(1, 2, 4),
+        num_res_blocks=1, norm_groups=8,
+    ),
 }
 
 # Keys some official files carry that this model has no use for.

@@ -323,7 +323,8 @@ def _reusable(path: Path, wanted: dict) -> bool:
         return False
     have = {"model": manifest["model"]["name"], "image_size": manifest["image_size"],
             "dtype": manifest["dtype"], "capacity": manifest["capacity"],
-            "weights": manifest["weights"], "variants": manifest["build"].get("variants")}
+            "weights": manifest["weights"], "variants": manifest["build"].get("variants"),
+            "cache_inputs": manifest["build"].get("cache_inputs", "stacked")}
     return (all(have[key] == wanted[key] for key in have)
             and manifest["build"]["max_batch"] >= wanted["max_batch"])
 
@@ -340,7 +341,7 @@ def prepare_artifacts(config: BenchConfig, log: Callable[[str], None]) -> Iterat
         yield {}
         return
     from ..engines import make_engine
-    from ..export.artifact import build_artifact, sha256_file
+    from ..export.artifact import CACHE_LAYOUTS, build_artifact, sha256_file
     from ..models import load_gpt
 
     weights = ({"source": "random", "seed": config.seed, "std": 0.02} if config.checkpoint is None
@@ -364,13 +365,14 @@ def prepare_artifacts(config: BenchConfig, log: Callable[[str], None]) -> Iterat
             path = work / f"{config.model}-{config.image_size}px-{config.dtype}-c{capacity}"
             wanted = {"model": config.model, "image_size": config.image_size,
                       "dtype": config.dtype, "capacity": capacity, "weights": weights,
-                      "variants": ["step.onnx", "step_noscores.onnx"], "max_batch": max_rows}
+                      "variants": ["step.onnx", "step_noscores.onnx"], "max_batch": max_rows,
+                      "cache_inputs": CACHE_LAYOUTS[True]}
             if str(path) not in paths.values() and not _reusable(path, wanted):
                 log(f"building an artifact with {capacity} cache slots for {spec} in {path}")
                 build_artifact(model, path, model_name=config.model,
                                image_size=config.image_size, weights=weights, capacity=capacity,
                                build_options={"bench": spec}, max_batch=max_rows,
-                               with_noscores=True, force=True)
+                               with_noscores=True, split_cache=True, force=True)
                 for engine in engines:  # let each engine cache its optimized graph now
                     make_engine(engine, artifact=path, device=config.device)
             paths[spec] = str(path)
