@@ -27,8 +27,8 @@ def demo() -> None:
 def train(out: Path, quick: bool, seed: int, threads: int, force: bool, progress: bool) -> None:
     """Train the demo VQ, classifier and GPT from scratch and write them to --out.
 
-    The full run takes about 25 minutes on two CPU cores; to refresh the shipped weights,
-    pass --out linear_export/assets/demo --force.
+    The full run took 22 minutes on a shared two-core CPU; to refresh the shipped
+    weights, pass --out linear_export/assets/demo --force.
     """
     from ..demo.train import FULL_PLAN, QUICK_PLAN, run_training
 
