@@ -23,13 +23,14 @@ QUICK = {"samples_per_class": 1, "heldout": 5, "real": 20, "budgets": ("1/1", "1
 def demo_subject(heldout: int, real: int, seed: int) -> EvalSubject:
     """The bundled demo: GPT, VQ tokenizer, classifier judge, held-out procedural images."""
     from ..demo import load_demo_classifier, load_demo_gpt, load_demo_vq
+    from ..demo.blocks import encode_blocks
     from ..demo.dataset import dataset_split
 
     gpt, vq, classifier = load_demo_gpt(), load_demo_vq(), load_demo_classifier()
     real_images, _ = dataset_split("heldout", real, seed=seed)
     nll_images, nll_labels = dataset_split("heldout", heldout, seed=seed, start=real)
     with torch.inference_mode():
-        heldout_tokens = vq.encode_images(nll_images)
+        heldout_tokens = encode_blocks(vq, nll_images)  # how the demo GPT's data was coded
 
     def judge(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.inference_mode():
