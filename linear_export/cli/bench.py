@@ -88,12 +88,14 @@ def setting(name: str, given: object, quick: bool) -> object:
               help="Directory for bench.json, bench.md and bench.png.")
 @click.option("--artifacts-dir", type=click.Path(file_okay=False), default=None,
               help="Keep the ort artifacts here and reuse matching ones [default: temporary].")
+@click.option("--cuda-graph", is_flag=True,
+              help="torch engine on CUDA: replay each decode step from a CUDA graph.")
 @click.option("--quick", is_flag=True,
               help="CI smoke test: GPT-tiny 24 px, torch, batch 2, one repeat, one thread.")
 @click.option("--force", is_flag=True, help="Replace an existing --out directory.")
 def bench(model_name, checkpoint, image_size, engines, policies, batch_sizes, cfg_scale, top_k,
           repeats, warmup_steps, threads, dtype, device, memory_limit, fit_batches, seed, out,
-          artifacts_dir, quick, force) -> None:
+          artifacts_dir, cuda_graph, quick, force) -> None:
     """Measure images/s, step latency, KV bytes and peak memory of engines x policies.
 
     Every run is a fresh process, configurations alternate within each repeat, and the
@@ -120,6 +122,9 @@ def bench(model_name, checkpoint, image_size, engines, policies, batch_sizes, cf
         raise UserError(f"--warmup-steps {warmup_steps} must be 0 or more.")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device} but torch sees no CUDA device; use --device cpu.")
+    if cuda_graph and not device.startswith("cuda"):
+        raise UserError("--cuda-graph needs --device cuda (CUDA graphs exist only on NVIDIA "
+                        "GPUs); drop --cuda-graph or pass --device cuda.")
     fit = parse_ints(setting("fit_batches", fit_batches, quick), "--fit-batches")
     if len(set(fit)) != 2:
         raise UserError(f"--fit-batches '{fit_batches}' must be two different batch sizes such "
@@ -136,7 +141,7 @@ def bench(model_name, checkpoint, image_size, engines, policies, batch_sizes, cf
         warmup_steps=setting("warmup_steps", warmup_steps, quick),
         threads=setting("threads", threads, quick),
         memory_limit=None if memory_limit is None else parse_size(memory_limit),
-        fit_batches=tuple(sorted(fit)), artifacts_dir=artifacts_dir,
+        fit_batches=tuple(sorted(fit)), artifacts_dir=artifacts_dir, cuda_graph=cuda_graph,
     )
     progress = sys.stderr.isatty()
     with prepare_artifacts(bench_config, log=lambda line: click.echo(line, err=True)) as paths:

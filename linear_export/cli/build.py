@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -110,20 +111,45 @@ def build_from_options(
               help="Artifact directory to create.")
 @click.option("--force", is_flag=True, help="Replace an existing artifact (once the new one is "
                                             "complete).")
+@click.option("--tensorrt", is_flag=True,
+              help="Also build TensorRT plans (NVIDIA GPU and the tensorrt package needed); "
+                   "precision is the graph's --dtype (strongly typed).")
+@click.option("--trt-opt-batch", type=int, default=None,
+              help="Rows TensorRT tunes its kernels for [default: min(16, --max-batch)].")
+@click.option("--trt-workspace", type=float, default=4.0, show_default=True,
+              help="TensorRT builder workspace limit in GiB.")
+@click.option("--trt-tf32", is_flag=True,
+              help="Let fp32 plans use TF32 (faster; beyond verify's fp32 tolerances).")
+@click.option("--trt-timing-cache", type=click.Path(dir_okay=False), default=None,
+              help="Timing cache file shared across builds [default: one inside the artifact].")
 def build(checkpoint, random_weights, seed, model_name, image_size, dtype, policy, budget,
-          max_batch, with_noscores, opset, cache_inputs, out, force) -> None:
+          max_batch, with_noscores, opset, cache_inputs, out, force, tensorrt, trt_opt_batch,
+          trt_workspace, trt_tf32, trt_timing_cache) -> None:
     """Export the decode step to ONNX: an artifact directory for the ort engine and verify.
 
     Example: linear-export build --checkpoint c2i_B_256.pt --model GPT-B --policy linear
     --budget 1/4 --out artifacts/gpt-b-linear
     """
     started = time.perf_counter()
-    artifact = build_from_options(
+    echo = lambda line: click.echo(line, err=True)  # noqa: E731
+    export = functools.partial(
+        build_from_options,
         checkpoint=checkpoint, random_weights=random_weights, model_name=model_name,
         image_size=image_size, dtype=dtype, policy=policy, budget=budget, max_batch=max_batch,
-        with_noscores=with_noscores, out=out, force=force, seed=seed, opset=opset,
-        split_cache=cache_inputs == "per-layer", echo=lambda line: click.echo(line, err=True),
+        with_noscores=with_noscores, seed=seed, opset=opset,
+        split_cache=cache_inputs == "per-layer", echo=echo,
     )
+    if tensorrt:
+        from ..export.tensorrt import GiB, TrtBuildConfig, build_with_plans, default_opt_batch
+
+        trt_config = TrtBuildConfig(
+            max_batch=max_batch, opt_batch=trt_opt_batch or default_opt_batch(max_batch),
+            workspace_bytes=int(trt_workspace * GiB), tf32=trt_tf32,
+            timing_cache=trt_timing_cache)
+        build_with_plans(lambda path: export(out=path, force=False), out, force, trt_config, echo)
+        artifact = load_artifact(out, check_hashes=False)  # just hashed while building
+    else:
+        artifact = export(out=out, force=force)
     manifest = artifact.manifest
     size = directory_bytes(artifact.path)
     click.echo(
@@ -133,6 +159,10 @@ def build(checkpoint, random_weights, seed, model_name, image_size, dtype, polic
         f"{manifest['build']['export_seconds']:.1f} s (total {time.perf_counter() - started:.1f}"
         f" s), {size / 2**20:.1f} MiB."
     )
+    if "tensorrt" in manifest:
+        record = manifest["tensorrt"]
+        click.echo(f"TensorRT {record['version']} plans for {record['gpu']}: "
+                   f"{', '.join(record['plans'].values())} ({record['build_seconds']:.1f} s).")
 
 
 def cache_root() -> Path:

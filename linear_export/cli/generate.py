@@ -14,6 +14,7 @@ from ..engines import ENGINES, make_engine
 from ..errors import UserError
 from ..export.artifact import load_artifact
 from ..models import GPTConfig, SequenceLayout, get_config, load_gpt
+from ..models.families import FAMILIES, check_family
 from ..models.vq import load_vq
 from ..outputs import (
     check_writable,
@@ -27,6 +28,7 @@ from ..runtime.decode import decode_tokens, image_grid, png_bytes
 from ..runtime.generate import generate as run_generation
 from ..runtime.sampling import SamplingConfig
 from .build import cached_artifact
+from .family_generate import generate_family
 from .options import build_policy, model_options, parse_classes, policy_options
 
 
@@ -121,11 +123,25 @@ def peak_rss_bytes() -> int:
               help="LlamaGen VQ tokenizer checkpoint that decodes tokens into images.")
 @click.option("--vq-model", default="VQ-16", show_default=True, help="VQ tokenizer config.")
 @click.option("--no-decode", is_flag=True, help="Write tokens and stats only, no images.")
+@click.option("--cuda-graph", is_flag=True,
+              help="torch engine on CUDA: replay each decode step from a CUDA graph.")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
+@click.option("--family", default="llamagen", show_default=True,
+              help=f"Model family: {', '.join(FAMILIES)} (all but llamagen: torch engine, "
+                   "token grids only).")
+@click.option("--prompt", "prompts", multiple=True,
+              help="janus/lumina: a text prompt (repeatable), tokenized with the model's own "
+                   "tokenizer from --checkpoint DIR.")
+@click.option("--caption-features", multiple=True, type=click.Path(dir_okay=False),
+              help="llamagen-t2i: T5 caption features per prompt (.npy [tokens, 2048], or "
+                   ".safetensors with caption and mask).")
+@click.option("--max-prompt-tokens", type=int, default=128, show_default=True,
+              help="janus/lumina: the prefix capacity (prompt tokens per row).")
 def generate(
     checkpoint, model_name, random_weights, image_size, dtype, device, policy, budget,
     classes, num_images, batch_size, cfg_scale, temperature, top_k, top_p, seed, engine_name,
-    artifact_dir, save_tokens, stats_json, out, vq_checkpoint, vq_model, no_decode, force, **knobs,
+    artifact_dir, save_tokens, stats_json, out, vq_checkpoint, vq_model, no_decode, force,
+    cuda_graph, family, prompts, caption_features, max_prompt_tokens, **knobs,
 ) -> None:
     """Generate class-conditional images with a fixed-capacity KV cache.
 
@@ -135,10 +151,24 @@ def generate(
     Example: linear-export generate --checkpoint c2i_B_256.pt --model GPT-B --policy linear
     --budget 1/4 --classes 207,360 --out samples/
     """
+    if family != "llamagen":
+        generate_family(
+            family=family, checkpoint=checkpoint, random_weights=random_weights,
+            model_name=model_name, image_size=image_size, dtype=dtype, device=device,
+            policy=policy, budget=budget, knobs=knobs,
+            sampling=SamplingConfig(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
+                                    top_p=top_p),
+            prompts=prompts, caption_features=caption_features,
+            max_prompt_tokens=max_prompt_tokens, num_images=num_images, batch_size=batch_size,
+            seed=seed, engine_name=engine_name, save_tokens=save_tokens, stats_json=stats_json,
+            out=out, force=force)
+        return
+    if checkpoint is not None and Path(checkpoint).is_dir():
+        check_family(family, checkpoint)  # a Hugging Face directory of another family
     artifact = None
     if artifact_dir is not None:
-        if engine_name != "ort":
-            raise UserError("--artifact runs on the ort engine; add --engine ort.")
+        if engine_name not in ("ort", "tensorrt"):
+            raise UserError("--artifact runs on the ort or tensorrt engine; add --engine ort.")
         if checkpoint is not None or random_weights:
             raise UserError("--artifact already holds the weights; drop --checkpoint and "
                             "--random-weights.")
@@ -167,7 +197,10 @@ def generate(
     decoder = None
     if vq_checkpoint is not None and not no_decode:
         decoder = load_decoder(vq_checkpoint, vq_model, config)
-    if engine_name == "ort":
+    if engine_name == "tensorrt" and artifact is None:
+        raise UserError("--engine tensorrt runs a built artifact's plans; pass --artifact DIR "
+                        "from linear-export build --tensorrt.")
+    if engine_name in ("ort", "tensorrt"):
         if artifact is None:
             rows = min(batch_size, total) * (2 if sampling.uses_cfg else 1)
             artifact = cached_artifact(checkpoint=checkpoint, model_name=model_name,
@@ -177,11 +210,12 @@ def generate(
         from ..engines.ort import fit_policy  # onnxruntime loads only for this engine
 
         chosen = fit_policy(chosen, artifact.capacity)  # the graph's cache size is static
-        engine = make_engine(engine_name, artifact=artifact, device=device)
+        engine = make_engine(engine_name, artifact=artifact, device=device,
+                             cuda_graph=cuda_graph)
     else:
         model = load_gpt(model_name, image_size, checkpoint, dtype=dtype, device=device,
                          seed=seed)
-        engine = make_engine(engine_name, model)
+        engine = make_engine(engine_name, model, cuda_graph=cuda_graph)
 
     results = [
         run_generation(engine, class_list[start:start + batch_size], chosen, sampling,

@@ -23,8 +23,9 @@ def compose(*decorators: Callable) -> Callable:
 
 
 model_options = compose(
-    click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
-                 help="LlamaGen GPT checkpoint (.pt or .safetensors); omit with --random-weights."),
+    click.option("--checkpoint", type=click.Path(), default=None,
+                 help="LlamaGen GPT checkpoint (.pt or .safetensors), or for --family janus/"
+                      "lumina a local Hugging Face model directory; omit with --random-weights."),
     click.option("--model", "model_name", default="GPT-B", show_default=True,
                  help=f"Model config: {', '.join(GPT_CONFIGS)}."),
     click.option("--random-weights", is_flag=True,

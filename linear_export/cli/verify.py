@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
+import torch
 
+from ..engines.base import Engine
 from ..engines.ort import OrtEngine, fit_policy
 from ..engines.torch import TorchEngine
 from ..errors import UserError
-from ..export.artifact import load_artifact, reference_model
+from ..export.artifact import Artifact, load_artifact, reference_model
 from ..export.compare import compare_engines, format_report
 from ..runtime.policies import POLICIES
 from .options import build_policy
@@ -64,20 +67,49 @@ def verify(artifact_dir, batch, policies, budget, cfg_scale, seed, checkpoint, d
     click.echo(f"Verifying {artifact.path} ({artifact.manifest['model']['name']}, "
                f"{layout.height}x{layout.width} tokens, {artifact.dtype_name}, capacity "
                f"{artifact.capacity}) against PyTorch: batch {batch}, cfg {cfg_scale}, greedy.")
-    click.echo(f"An element passes when |ort - torch| <= atol or <= rtol * |torch| "
-               f"(Polygraphy elementwise check); {artifact.dtype_name} tolerances below.")
+    click.echo(f"An element passes when |candidate - reference| <= atol or <= rtol * "
+               f"|reference| (Polygraphy elementwise check); {artifact.dtype_name} tolerances "
+               "below.")
     for note in skipped:
         click.echo(f"note: {note}")
     candidate = OrtEngine(artifact, device=device)
     reference = TorchEngine(reference_model(artifact, checkpoint).to(device))
+    pairs = [("ort vs torch", reference, candidate)] + tensorrt_pairs(
+        artifact, reference, candidate, lambda dev: TorchEngine(
+            reference_model(artifact, checkpoint).to(dev)))
     passed = True
-    for policy in chosen:
-        started = time.perf_counter()
-        report = compare_engines(reference, candidate, policy, classes, cfg_scale=cfg_scale,
-                                 dtype_name=artifact.dtype_name, seed=seed)
-        click.echo(format_report(report))
-        click.echo(f"  ({time.perf_counter() - started:.1f} s)")
-        passed &= report.passed
+    for label, base, engine in pairs:
+        click.echo(f"{label} ({engine.device}):")
+        for policy in chosen:
+            started = time.perf_counter()
+            report = compare_engines(base, engine, policy, classes, cfg_scale=cfg_scale,
+                                     dtype_name=artifact.dtype_name, seed=seed)
+            click.echo(format_report(report))
+            click.echo(f"  ({time.perf_counter() - started:.1f} s)")
+            passed &= report.passed
     click.echo("PASS" if passed else "FAIL: the artifact does not match the PyTorch reference.")
     if not passed:
         sys.exit(1)
+
+
+def tensorrt_pairs(
+    artifact: Artifact, reference: TorchEngine, ort_engine: OrtEngine,
+    make_reference: Callable[[torch.device], TorchEngine],
+) -> list[tuple[str, Engine, Engine]]:
+    """(label, reference, candidate) for the TensorRT plans, or none with a printed reason."""
+    from ..export.tensorrt import skip_reason
+
+    reason = skip_reason(artifact.manifest, str(artifact.path))
+    if reason is not None:
+        click.echo(f"note: TensorRT comparison skipped: {reason}")
+        return []
+    from ..engines.tensorrt import TrtEngine
+
+    device = reference.device if reference.device.type == "cuda" else "cuda"
+    engine = TrtEngine(artifact, device=device)
+    if reference.device != engine.device:  # the compared engines share one cache
+        reference = make_reference(engine.device)
+    pairs = [("tensorrt vs torch", reference, engine)]
+    if ort_engine.device == engine.device:
+        pairs.append(("tensorrt vs ort", ort_engine, engine))
+    return pairs

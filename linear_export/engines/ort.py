@@ -85,6 +85,12 @@ class OrtEngine:
         self.sessions = {True: self._session(self.artifact.step_path)}
         if self.artifact.noscores_path is not None:
             self.sessions[False] = self._session(self.artifact.noscores_path)
+        if self.device.type == "cuda" and any("CUDAExecutionProvider" not in s.get_providers()
+                                              for s in self.sessions.values()):
+            # ONNX Runtime falls back to the CPU silently when the CUDA libraries fail to load.
+            raise UserError("onnxruntime's CUDA provider failed to load (CUDA or cuDNN libraries "
+                            "missing or mismatched); install the onnxruntime-gpu build for this "
+                            "CUDA version, or use --device cpu.")
         self._bindings: dict[tuple[bool, int, int], _Bound] = {}
         self._cache_len = torch.zeros((), dtype=torch.long, device=self.device)
 

@@ -10,13 +10,23 @@ from .base import StepOutput
 
 
 class TorchEngine:
+    """Runs `model.step` eagerly; with `cuda_graph`, decode steps (T = 1) replay a CUDA graph."""
+
     name = "torch"
 
-    def __init__(self, model: GPT):
+    def __init__(self, model: GPT, *, cuda_graph: bool = False):
         self.model = model.eval()
         self.config, self.layout = model.config, model.layout
-        self.dtype = model.output.weight.dtype
-        self.device = model.output.weight.device
+        self.dtype = model.dtype
+        self.device = next(model.parameters()).device
+        self.family = model.family  # how the runtime drives this model (models/families)
+        self.graphs = None
+        if cuda_graph:
+            from .cuda_graph import DecodeGraphs  # raises a UserError off CUDA
+
+            self.graphs = DecodeGraphs(self.model, self.device)
+        # Filled per step by a kernel: torch.tensor(cache_len) would be a host-to-device copy.
+        self._cache_len = torch.zeros((), dtype=torch.long, device=self.device)
 
     @torch.inference_mode()
     def step(
@@ -25,12 +35,20 @@ class TorchEngine:
         position_ids: torch.Tensor,
         cache: KVCache,
         need_scores: bool = True,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> StepOutput:
-        logits, present_key, present_value, attn_mass = self.model.step(
-            input_ids.to(self.device),
-            position_ids.to(self.device),
-            cache.key,
-            cache.value,
-            cache.cache_len_tensor(),
-        )
+        """One step; `inputs_embeds` [B, T, dim] feeds a prefix that is no token (captions)."""
+        input_ids, position_ids = input_ids.to(self.device), position_ids.to(self.device)
+        if inputs_embeds is not None:
+            self._cache_len.fill_(cache.cache_len)
+            logits, present_key, present_value, attn_mass = self.model.step(
+                input_ids, position_ids, cache.key, cache.value, self._cache_len,
+                inputs_embeds=inputs_embeds.to(self.device, self.dtype))
+        elif self.graphs is not None and input_ids.shape[1] == 1:
+            logits, present_key, present_value, attn_mass = self.graphs.step(
+                input_ids, position_ids, cache)
+        else:
+            self._cache_len.fill_(cache.cache_len)
+            logits, present_key, present_value, attn_mass = self.model.step(
+                input_ids, position_ids, cache.key, cache.value, self._cache_len)
         return StepOutput(logits, present_key, present_value, attn_mass if need_scores else None)

@@ -40,7 +40,7 @@ def output_names(with_scores: bool) -> tuple[str, ...]:
 def example_inputs(model: GPT, capacity: int) -> tuple[torch.Tensor, ...]:
     """B = T = 2: the dynamo exporter specialises any dimension whose example size is 1."""
     config, batch, steps = model.config, 2, 2
-    dtype = model.output.weight.dtype
+    dtype = model.dtype
     cache = (config.n_layer, batch, config.kv_heads, capacity, config.head_dim)
     prefix = model.layout.prefix
     return (
@@ -118,7 +118,7 @@ def check_step_graph(
     inputs = [_spec(value) for value in proto.graph.input]
     outputs = [_spec(value) for value in proto.graph.output]
     config = model.config
-    float_name = str(model.output.weight.dtype).removeprefix("torch.")
+    float_name = str(model.dtype).removeprefix("torch.")
     layers, heads, kv_heads, dim = config.n_layer, config.n_head, config.kv_heads, config.head_dim
     cache = (layers, BATCH, kv_heads, capacity, dim)
     present = (layers, BATCH, kv_heads, STEPS, dim)

@@ -7,12 +7,11 @@ State-dict keys match the official checkpoints exactly. Two forwards:
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import cached_attention, live_slots
 from .configs import GPTConfig, SequenceLayout
 from .rope import apply_rope, rope_table_2d
 
@@ -71,25 +70,10 @@ class Attention(nn.Module):
         """Attend over live cache slots plus this step's own tokens (causal among them).
 
         Returns the block output, this step's k and v, and the attention mass per past slot.
-        Query heads are grouped by the kv head they share, so the cache is never repeated.
         """
-        batch, steps, _ = x.shape
-        group = self.n_head // self.n_kv_head
         q, k, v = self.project(x, cos_sin)
-        q = q.reshape(batch, self.n_kv_head, group * steps, self.head_dim)
-        scale = 1.0 / math.sqrt(self.head_dim)
-        past_scores = ((q * scale) @ past_key.transpose(-1, -2)).float()  # [B, Hkv, G*T, C]
-        past_scores = past_scores.masked_fill(~live.view(live.shape[0], 1, 1, -1), -math.inf)
-        own_scores = ((q * scale) @ k.transpose(-1, -2)).float()  # [B, Hkv, G*T, T]
-        causal = torch.ones(steps, steps, dtype=torch.bool, device=x.device).tril()
-        own_scores = own_scores.masked_fill(~causal.repeat(group, 1), -math.inf)
-        probs = torch.softmax(torch.cat([past_scores, own_scores], dim=-1), dim=-1)
-        capacity = past_key.shape[-2]
-        past_probs, own_probs = probs[..., :capacity], probs[..., capacity:]
-        out = past_probs.to(v.dtype) @ past_value + own_probs.to(v.dtype) @ v
-        out = out.view(batch, self.n_head, steps, self.head_dim).transpose(1, 2)
-        mass = past_probs.view(batch, self.n_head, steps, capacity).sum(dim=2)
-        return self.wo(out.reshape(batch, steps, -1)), k, v, mass
+        out, mass = cached_attention(q, k, v, past_key, past_value, live)
+        return self.wo(out), k, v, mass
 
     def full(self, x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
         """Plain causal self-attention over the whole sequence (no cache)."""
@@ -137,6 +121,17 @@ class GPT(nn.Module):
         self.rope = rope.to(self.rope.device)
         return self
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.output.weight.dtype
+
+    @property
+    def family(self):
+        """The adapter that tells the runtime how to drive this model (class-conditional)."""
+        from .families.llamagen import LlamaGenC2I
+
+        return LlamaGenC2I.for_model(self.config, self.layout)
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Image tokens from tok_embeddings; ids >= vocab are class tokens (vocab + class)."""
         vocab = self.config.vocab_size
@@ -152,17 +147,18 @@ class GPT(nn.Module):
         past_key: torch.Tensor,
         past_value: torch.Tensor,
         cache_len: torch.Tensor,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One decode step (DESIGN.md contract).
 
         input_ids, position_ids [B, T]; past_key/past_value [L, B, Hkv, C, D]; cache_len [] or
         [B]. Returns logits [B, V] float32, present_key/present_value [L, B, Hkv, T, D] and
-        attn_mass [L, B, H, C] float32.
+        attn_mass [L, B, H, C] float32. `inputs_embeds` [B, T, dim] replaces the embedding of
+        input_ids (a caption prefix, which is no token).
         """
-        capacity = past_key.shape[3]
-        live = torch.arange(capacity, device=input_ids.device) < cache_len.reshape(-1, 1)
+        live = live_slots(past_key.shape[3], cache_len)
         cos_sin = self.rope[position_ids]
-        h = self.embed(input_ids)
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.to(cos_sin.device)
         keys, values, masses = [], [], []
         for index, layer in enumerate(self.layers):
             attn_out, k, v, mass = layer.attention.step(

@@ -88,6 +88,7 @@ class BenchConfig:
     memory_limit: int | None = None  # bytes; None: no max-batch search
     fit_batches: tuple[int, int] = (1, 4)
     artifacts_dir: str | None = None  # keep and reuse built artifacts here
+    cuda_graph: bool = False  # torch engine: replay decode steps from a CUDA graph
     artifacts: dict[str, str] = field(default_factory=dict)  # ort: policy spec -> artifact dir
 
 
@@ -326,7 +327,17 @@ def _reusable(path: Path, wanted: dict) -> bool:
             "weights": manifest["weights"], "variants": manifest["build"].get("variants"),
             "cache_inputs": manifest["build"].get("cache_inputs", "stacked")}
     return (all(have[key] == wanted[key] for key in have)
-            and manifest["build"]["max_batch"] >= wanted["max_batch"])
+            and manifest["build"]["max_batch"] >= wanted["max_batch"]
+            and (not wanted.get("tensorrt") or _plans_usable(manifest, path, wanted)))
+
+
+def _plans_usable(manifest: dict, path: Path, wanted: dict) -> bool:
+    """TensorRT plans built here (this GPU and TensorRT) for at least the wanted batch."""
+    from ..export.tensorrt import skip_reason
+
+    plans = manifest.get("tensorrt") or {}
+    return (skip_reason(manifest, str(path)) is None
+            and plans.get("max_batch", 0) >= wanted["max_batch"])
 
 
 @contextmanager
@@ -366,13 +377,18 @@ def prepare_artifacts(config: BenchConfig, log: Callable[[str], None]) -> Iterat
             wanted = {"model": config.model, "image_size": config.image_size,
                       "dtype": config.dtype, "capacity": capacity, "weights": weights,
                       "variants": ["step.onnx", "step_noscores.onnx"], "max_batch": max_rows,
-                      "cache_inputs": CACHE_LAYOUTS[True]}
+                      "cache_inputs": CACHE_LAYOUTS[True], "tensorrt": "tensorrt" in engines}
             if str(path) not in paths.values() and not _reusable(path, wanted):
                 log(f"building an artifact with {capacity} cache slots for {spec} in {path}")
                 build_artifact(model, path, model_name=config.model,
                                image_size=config.image_size, weights=weights, capacity=capacity,
                                build_options={"bench": spec}, max_batch=max_rows,
                                with_noscores=True, split_cache=True, force=True)
+                if "tensorrt" in engines:  # plans for this GPU, in the same artifact
+                    from ..export.tensorrt import TrtBuildConfig, add_tensorrt_plans
+
+                    add_tensorrt_plans(path, TrtBuildConfig(
+                        max_batch=max_rows, opt_batch=min(rows, max_rows)), log)
                 for engine in engines:  # let each engine cache its optimized graph now
                     make_engine(engine, artifact=path, device=config.device)
             paths[spec] = str(path)

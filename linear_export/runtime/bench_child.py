@@ -85,7 +85,7 @@ def make_engine(job: Job):
         from .baseline import BaselineLoop
 
         return BaselineLoop(model)
-    return make_named_engine(job.engine, model)
+    return make_named_engine(job.engine, model, cuda_graph=config.cuda_graph)
 
 
 def run_baseline(loop, classes: list[int], sampling: SamplingConfig, config: BenchConfig):

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
 
 from ..engines.base import Engine
 from ..errors import UserError
+from ..models.configs import SequenceLayout
+from ..models.families.base import Family, PrefixGroup
+from ..models.families.llamagen import LlamaGenC2I
 from .cache import CacheShape, KVCache
 from .policies import Policy
 from .sampling import SamplingConfig, guide, sample
@@ -46,9 +49,45 @@ def check_class_ids(class_ids: Sequence[int], num_classes: int) -> None:
                         f"0..{num_classes - 1}.")
 
 
+@dataclass
+class _Stream:
+    """One prefix group: its rows, its own cache (uniform cache_len) and the policy for its P."""
+
+    group: PrefixGroup
+    rows: torch.Tensor
+    cache: KVCache
+    policy: Policy
+    scores: torch.Tensor | None
+    input_ids: torch.Tensor
+    positions: torch.Tensor  # model position ids fed to the engine
+    slots: torch.Tensor  # sequence positions recorded in the cache (what policies read)
+    inputs_embeds: torch.Tensor | None = None
+
+
+def _streams(engine: Engine, groups: list[PrefixGroup], policy: Policy,
+             full_layout: SequenceLayout) -> list[_Stream]:
+    config, device = engine.config, engine.device
+    streams = []
+    for group in groups:
+        shape = CacheShape(config.n_layer, len(group.rows), config.kv_heads, policy.capacity,
+                           config.head_dim)
+        # The same policy, told where this group's image region starts.
+        own = policy if group.prefix == full_layout.prefix else Policy(
+            policy.config, replace(full_layout, prefix=group.prefix))
+        scores = None
+        if own.score_mode:
+            scores = torch.zeros(shape.n_layer, shape.batch, shape.n_kv_head, shape.capacity,
+                                 device=device)
+        streams.append(_Stream(
+            group, torch.tensor(group.rows, device=device), KVCache(shape, engine.dtype, device),
+            own, scores, group.input_ids, group.position_ids,
+            torch.arange(group.prefix, device=device), group.inputs_embeds))
+    return streams
+
+
 def generate(
     engine: Engine,
-    class_ids: Sequence[int],
+    class_ids: Sequence,
     policy: Policy,
     sampling: SamplingConfig,
     *,
@@ -56,75 +95,106 @@ def generate(
     progress: bool = False,
     teacher_tokens: torch.Tensor | None = None,
     on_line_end: Callable[[int, KVCache], None] | None = None,
+    family: Family | None = None,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> GenerationResult:
-    """Generate one image per class id, keeping the cache within the policy's capacity.
+    """Generate one image per condition, keeping the cache within the policy's capacity.
 
-    With `teacher_tokens` [B, h, w] the loop feeds those tokens instead of sampling (the
-    result's tokens are still what sampling chose) and reports their mean negative
-    log-likelihood under the (guided) logits. `on_line_end(line, cache)` sees the cache after
-    each line-end eviction.
+    `class_ids` are the family's conditions (class ids for LlamaGen c2i, prompt token ids or
+    caption features for the others); `family` defaults to the engine's. `policy` must be
+    bound to the family's token layout (lines of w + end-of-line tokens). With
+    `teacher_tokens` [B, h, w] the loop feeds those codes instead of sampling (the result's
+    tokens are still what sampling chose) and reports their mean negative log-likelihood
+    under the (guided) logits. `on_line_end(line, cache)` sees each cache after each
+    line-end eviction; `on_step(index, logits)` sees each step's unguided logits [rows, K].
     """
     config, layout = engine.config, engine.layout
-    check_class_ids(class_ids, config.num_classes)
+    family = family or getattr(engine, "family", None) or LlamaGenC2I.for_model(config, layout)
+    lines = family.token_layout(layout)
+    if (policy.layout.height, policy.layout.width) != (lines.height, lines.width):
+        raise ValueError(f"the policy is bound to {policy.layout.height} lines of "
+                         f"{policy.layout.width} tokens, the model's lines are {lines.height} x "
+                         f"{lines.width}; build it on family.token_layout(layout)")
     device, batch = engine.device, len(class_ids)
-    classes = torch.tensor(list(class_ids), dtype=torch.long, device=device)
-    if sampling.uses_cfg:
-        classes = torch.cat([classes, torch.full_like(classes, config.null_class)])
-    rows = classes.shape[0]
-    shape = CacheShape(config.n_layer, rows, config.kv_heads, policy.capacity, config.head_dim)
-    cache = KVCache(shape, engine.dtype, device)
-    full_bytes = CacheShape(config.n_layer, rows, config.kv_heads, layout.length,
+    groups = family.prefix_groups(list(class_ids), sampling.uses_cfg, device)
+    streams = _streams(engine, groups, policy, lines)
+    rows = sum(len(group.rows) for group in groups)
+    full_bytes = CacheShape(config.n_layer, rows, config.kv_heads, lines.length,
                             config.head_dim).nbytes(engine.dtype)
-    scores = None
-    if policy.score_mode:
-        scores = torch.zeros(shape.n_layer, rows, shape.n_kv_head, shape.capacity, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     tokens = torch.zeros(batch, layout.image_tokens, dtype=torch.long, device=device)
-    group = config.n_head // config.kv_heads
+    group_size = config.n_head // config.kv_heads
     evictions = 0
     nll_sum = torch.zeros((), dtype=torch.float64)
     if teacher_tokens is not None:
         teacher_tokens = teacher_tokens.reshape(batch, layout.image_tokens).to(device)
+    single = len(streams) == 1 and streams[0].group.rows == list(range(rows))
 
     started = time.perf_counter()
-    bar = tqdm(total=layout.height, unit="line", disable=not progress, leave=False)
-    # Prefill: the class token(s) at positions [0, P); the RoPE table makes their q and k zero.
-    input_ids = (config.vocab_size + classes)[:, None].expand(rows, layout.prefix)
-    positions = torch.arange(layout.prefix, device=device)
+    bar = tqdm(total=lines.height, unit="line", disable=not progress, leave=False)
+    # Prefill feeds each group's prefix; then one step per image-region token (the last one
+    # is never fed). Lines are `lines.width` tokens: the image codes plus any end-of-line.
     need_scores = policy.needs_scores(-1)
-    for index in range(layout.image_tokens):
-        out = engine.step(input_ids, positions.expand(rows, -1), cache, need_scores)
-        logits = out.logits
-        if not torch.isfinite(logits).all():
-            raise UserError(f"The model produced NaN/Inf logits at image token {index} (fp16 "
-                            "overflow?); rebuild or run with --dtype fp32 or bf16.")
-        cache.append(out.present_key, out.present_value, positions)
-        if scores is not None and out.attn_mass is not None:
-            # Fold query heads onto the kv head they read from.
-            mass = out.attn_mass.view(*scores.shape[:2], scores.shape[2], group, -1).sum(3)
-            scores += mass
-        if index > 0 and index % layout.width == 0:  # the line of token index-1 is now cached
-            keep = policy.select(cache.positions[..., : cache.cache_len],
-                                 scores[..., : cache.cache_len] if scores is not None else None,
-                                 finished_line=index // layout.width - 1, cfg=sampling.uses_cfg)
-            if keep is not None:
-                cache.compact(keep, *(() if scores is None else (scores,)))
-                evictions += 1
-            if policy.score_mode == "line":
-                scores.zero_()
-            if on_line_end is not None:
-                on_line_end(index // layout.width - 1, cache)
+    for index in range(lines.image_tokens):
+        logits = None
+        for stream in streams:
+            extra = {} if stream.inputs_embeds is None else {"inputs_embeds":
+                                                             stream.inputs_embeds}
+            out = engine.step(stream.input_ids, stream.positions, stream.cache, need_scores,
+                              **extra)
+            if not torch.isfinite(out.logits).all():
+                raise UserError(f"The model produced NaN/Inf logits at image token {index} "
+                                "(fp16 overflow?); rebuild or run with --dtype fp32 or bf16.")
+            stream.cache.append(out.present_key, out.present_value, stream.slots)
+            scores = stream.scores
+            if scores is not None and out.attn_mass is not None:
+                # Fold query heads onto the kv head they read from.
+                scores += out.attn_mass.view(*scores.shape[:3], group_size, -1).sum(3)
+            if index > 0 and index % lines.width == 0:  # line index // L - 1 is now cached
+                finished = index // lines.width - 1
+                live = stream.cache.cache_len
+                keep = stream.policy.select(stream.cache.positions[..., :live],
+                                            scores[..., :live] if scores is not None else None,
+                                            finished_line=finished, cfg=sampling.uses_cfg)
+                if keep is not None:
+                    stream.cache.compact(keep, *(() if scores is None else (scores,)))
+                    evictions += stream is streams[0]
+                if stream.policy.score_mode == "line":
+                    scores.zero_()
+                if on_line_end is not None:
+                    on_line_end(finished, stream.cache)
+            if single:
+                logits = out.logits
+            else:
+                if logits is None:
+                    logits = torch.empty(rows, out.logits.shape[-1], dtype=out.logits.dtype,
+                                         device=device)
+                logits[stream.rows] = out.logits
+        if index > 0 and index % lines.width == 0:
             bar.update(1)
-        guided = guide(logits, sampling.cfg_scale) if sampling.uses_cfg else logits
-        next_token = sample(guided, sampling, generator)
-        tokens[:, index] = next_token
-        if teacher_tokens is not None:
-            next_token = teacher_tokens[:, index]
-            log_probs = torch.log_softmax(guided.float(), dim=-1)
-            nll_sum -= log_probs.gather(1, next_token[:, None]).sum().double().cpu()
-        # Feed token `index` (to cond and uncond rows alike); the last one is never fed.
-        input_ids = torch.cat([next_token] * (rows // batch))[:, None]
-        positions = torch.tensor([layout.prefix + index], device=device)
+        if on_step is not None:
+            on_step(index, logits)
+        line, column = divmod(index, lines.width)
+        forced = family.forced_token(column, layout.width)
+        if forced is None:
+            code_index = line * layout.width + column
+            guided = guide(logits, sampling.cfg_scale) if sampling.uses_cfg else logits
+            next_token = sample(guided, sampling, generator)
+            tokens[:, code_index] = next_token
+            if teacher_tokens is not None:
+                next_token = teacher_tokens[:, code_index]
+                log_probs = torch.log_softmax(guided.float(), dim=-1)
+                nll_sum -= log_probs.gather(1, next_token[:, None]).sum().double().cpu()
+            feed = family.feed_ids(next_token)
+        else:
+            feed = torch.full((batch,), forced, dtype=torch.long, device=device)
+        # Feed token `index` to every row of its image (cond and uncond alike).
+        for stream in streams:
+            stream.input_ids = feed[stream.rows % batch][:, None]
+            position = stream.group.image_position + index
+            stream.positions = torch.full_like(stream.input_ids, position)
+            stream.slots = torch.tensor([stream.group.prefix + index], device=device)
+            stream.inputs_embeds = None
         need_scores = policy.needs_scores(index)
     bar.update(1)
     bar.close()
@@ -133,12 +203,12 @@ def generate(
     stats = GenerationStats(
         images=batch,
         seconds_generate=seconds,
-        steps=layout.image_tokens,
+        steps=lines.image_tokens,
         evictions=evictions,
         kv_capacity=policy.capacity,
-        kv_bytes=cache.nbytes,
+        kv_bytes=sum(stream.cache.nbytes for stream in streams),
         full_kv_bytes=full_bytes,
-        peak_cache_len=cache.peak_len,
+        peak_cache_len=max(stream.cache.peak_len for stream in streams),
         nll_per_token=None if teacher_tokens is None
         else nll_sum.item() / (batch * layout.image_tokens),
     )

@@ -1,0 +1,112 @@
+"""`generate --family t2i|janus|lumina`: token grids from prompts (or caption features)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+from ..engines import make_engine
+from ..errors import UserError
+from ..models import get_config, parse_dtype
+from ..models.checkpoint import load_into, read_state_dict
+from ..models.families import check_family, load_hf_step
+from ..models.gpt import init_weights
+from ..outputs import json_bytes, npy_bytes, write_directory, write_json, write_npy
+from ..runtime.generate import generate as run_generation
+from ..runtime.sampling import SamplingConfig
+from .options import build_policy
+
+# How the original releases wrap a prompt before the image (Janus-Pro's SFT template with the
+# image-start tag; Lumina-mGPT's generation instruction).
+JANUS_TEMPLATE = "<|User|>: {prompt}\n\n<|Assistant|>:<begin_of_image>"
+LUMINA_TEMPLATE = "Generate an image of {size}x{size} according to the following prompt:\n{prompt}"
+
+
+def load_t2i(model_name: str, image_size: int, checkpoint: str | None, dtype: str, seed: int):
+    """A LlamaGen t2i GPT (prefix 120) from an official t2i checkpoint, or random weights."""
+    from ..models.configs import SequenceLayout
+    from ..models.families.t2i import CAPTION_TOKENS, T2IGPT
+
+    config = get_config(model_name, cls_token_num=CAPTION_TOKENS)
+    model = T2IGPT(config, SequenceLayout.for_image(config, image_size))
+    if checkpoint is None:
+        init_weights(model, seed=seed)
+    else:
+        load_into(model, read_state_dict(checkpoint), model_name)
+    return model.to(dtype=parse_dtype(dtype)).eval().requires_grad_(False)
+
+
+def conditions_for(family: str, model, checkpoint: str | None, prompts: tuple[str, ...],
+                   caption_features: tuple[str, ...], image_size: int) -> list:
+    """What the family's adapter takes: caption features (t2i) or prompt token ids."""
+    if family == "llamagen-t2i":
+        from ..models.families.t2i import load_caption
+
+        if not caption_features:
+            raise UserError("--family llamagen-t2i needs T5 caption features; pass "
+                            "--caption-features FILE (.npy or .safetensors, [tokens, 2048]) "
+                            "per prompt.")
+        return [load_caption(path, model.caption_dim) for path in caption_features]
+    if not prompts:
+        raise UserError(f"--family {family} needs at least one --prompt TEXT.")
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise UserError(f"No tokenizer in '{checkpoint}' ({type(error).__name__}); pass the "
+                        "model directory that holds its tokenizer files.") from None
+    if family == "janus":
+        return [tokenizer.encode(JANUS_TEMPLATE.format(prompt=p)) for p in prompts]
+    return [tokenizer.encode(LUMINA_TEMPLATE.format(size=image_size, prompt=p)) for p in prompts]
+
+
+def generate_family(*, family: str, checkpoint: str | None, random_weights: bool,
+                    model_name: str, image_size: int, dtype: str, device: str, policy: str,
+                    budget: str, knobs: dict, sampling: SamplingConfig, prompts: tuple[str, ...],
+                    caption_features: tuple[str, ...], max_prompt_tokens: int, num_images,
+                    batch_size: int, seed: int, engine_name: str, save_tokens: Path | None,
+                    stats_json: Path | None, out: Path | None, force: bool) -> None:
+    """Run a non-c2i family on the torch engine; writes tokens and stats."""
+    check_family(family, checkpoint)
+    if engine_name != "torch":
+        raise UserError(f"--family {family} runs on --engine torch for now; artifacts for it "
+                        "are not built yet.")
+    if family == "llamagen-t2i":
+        if checkpoint is None and not random_weights:
+            raise UserError("--family llamagen-t2i needs --checkpoint PATH (a LlamaGen t2i GPT) "
+                            "or --random-weights.")
+        model = load_t2i(model_name, image_size, checkpoint, dtype, seed).to(device)
+    else:
+        if checkpoint is None:
+            raise UserError(f"--family {family} needs --checkpoint DIR, a local Hugging Face "
+                            "model directory (nothing is downloaded).")
+        model = load_hf_step(family, checkpoint, image_size, max_prompt_tokens, dtype, device)
+    conditions = conditions_for(family, model, checkpoint, prompts, caption_features,
+                                image_size)
+    total = num_images or len(conditions)
+    conditions = [conditions[i % len(conditions)] for i in range(total)]
+    engine = make_engine("torch", model)
+    chosen = build_policy(model.family.token_layout(model.layout), policy, budget, **knobs)
+    results = [run_generation(engine, conditions[start:start + batch_size], chosen, sampling,
+                              seed=seed + start, progress=sys.stderr.isatty())
+               for start in range(0, total, batch_size)]
+    tokens = np.concatenate([result.tokens.numpy() for result in results])
+    seconds = sum(result.stats.seconds_generate for result in results)
+    largest = results[0].stats
+    stats = {"family": family, "image_size": image_size, "dtype": dtype, "policy": chosen.name,
+             "budget": chosen.budget, "images": total, "seconds_generate": seconds,
+             "kv_capacity": chosen.capacity, "kv_bytes": largest.kv_bytes,
+             "full_kv_bytes": largest.full_kv_bytes, "peak_cache_len": largest.peak_cache_len}
+    if save_tokens is not None:
+        write_npy(save_tokens, tokens)
+    if stats_json is not None:
+        write_json(stats_json, stats)
+    if out is not None:
+        write_directory(out, {"tokens.npy": npy_bytes(tokens), "stats.json": json_bytes(stats)},
+                        force)
+    click.echo(f"{total} images ({family}), {chosen.name} policy, capacity {chosen.capacity} "
+               f"slots: token grids written; decode them with the family's own VQ decoder.")

@@ -1,0 +1,88 @@
+"""The T = 1 decode step of the PyTorch model captured as a CUDA graph and replayed.
+
+The step's shapes are fixed (the cache's capacity is static), so one graph per batch size
+replays every decode step: one launch instead of hundreds of kernel launches from Python.
+The graph reads the cache at the addresses it was captured with, so it is re-captured when
+the host loop allocates a new cache (once per generation); compaction works in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UserError
+from ..models.gpt import GPT
+from ..runtime.cache import KVCache
+
+WARMUP_RUNS = 2  # eager runs on a side stream before capture, as torch.cuda.graphs asks
+
+
+def check_cuda_graph_device(device: torch.device) -> None:
+    """CUDA graphs exist only on CUDA devices: a clear error anywhere else."""
+    if device.type != "cuda":
+        raise UserError(f"--cuda-graph needs a CUDA device but the model is on '{device}'; "
+                        "pass --device cuda or drop --cuda-graph.")
+    if not torch.cuda.is_available():
+        raise UserError("--cuda-graph needs CUDA but torch sees no CUDA device; drop "
+                        "--cuda-graph or run on an NVIDIA GPU machine.")
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    cache_pointers: tuple[int, int]
+    input_ids: torch.Tensor  # [B, 1] static inputs, copied into before each replay
+    position_ids: torch.Tensor
+    outputs: tuple[torch.Tensor, ...]  # logits, present_key, present_value, attn_mass
+
+
+class DecodeGraphs:
+    """CUDA graphs of `model.step` for T = 1, one per batch size."""
+
+    def __init__(self, model: GPT, device: torch.device):
+        check_cuda_graph_device(device)
+        self.model, self.device = model, device
+        self.cache_len = torch.zeros((), dtype=torch.long, device=device)
+        self._graphs: dict[int, _Captured] = {}
+
+    def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+             cache: KVCache) -> tuple[torch.Tensor, ...]:
+        """The outputs of one decode step; overwritten by the next replay of the same batch."""
+        batch = input_ids.shape[0]
+        pointers = (cache.key.data_ptr(), cache.value.data_ptr())
+        captured = self._graphs.get(batch)
+        if captured is None or captured.cache_pointers != pointers:
+            self._graphs.pop(batch, None)  # frees the old graph's memory pool first
+            captured = self._capture(batch, cache)
+            self._graphs[batch] = captured
+        captured.input_ids.copy_(input_ids, non_blocking=True)
+        captured.position_ids.copy_(position_ids.expand(batch, 1), non_blocking=True)
+        self.cache_len.fill_(cache.cache_len)
+        captured.graph.replay()
+        return captured.outputs
+
+    def _capture(self, batch: int, cache: KVCache) -> _Captured:
+        input_ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        position_ids = torch.full((batch, 1), self.model.layout.prefix, dtype=torch.long,
+                                  device=self.device)
+        self.cache_len.fill_(cache.cache_len)
+
+        def run() -> tuple[torch.Tensor, ...]:
+            return self.model.step(input_ids, position_ids, cache.key, cache.value,
+                                   self.cache_len)
+
+        # Warm up on a side stream so lazy initialisation (cuBLAS handles, autotuning) is
+        # not captured; the step never writes the cache, so running it here is harmless.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_RUNS):
+                run()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = run()
+        return _Captured(graph, (cache.key.data_ptr(), cache.value.data_ptr()), input_ids,
+                         position_ids, outputs)

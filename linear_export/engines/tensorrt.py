@@ -1,0 +1,180 @@
+"""TrtEngine: an artifact's TensorRT plans, run on torch CUDA tensors bound by address.
+
+Per step the host copies only the tiny inputs (token ids, positions, cache_len) into
+device buffers bound once; the cache is bound in place and the outputs are preallocated,
+so nothing crosses to the host. Written against the TensorRT 10/11 Python API.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..export.artifact import STEP, STEP_NOSCORES, Artifact, load_artifact
+from ..export.split_cache import CACHE_INPUTS, layer_input
+from ..export.tensorrt import Profile, check_plan_compatible, require_tensorrt
+from ..runtime.cache import KVCache
+from .base import StepOutput
+
+
+@dataclass
+class _Bound:
+    """Buffers of one (variant, B, T); the context's shapes are set when it was last used."""
+
+    out: StepOutput
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+
+
+class _Plan:
+    """One deserialized plan with one execution context per optimization profile."""
+
+    def __init__(self, trt, runtime, path: Path, profiles: list[Profile], stream: int):
+        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise UserError(f"TensorRT cannot load {path.name}; rebuild the artifact with "
+                            "linear-export build --tensorrt --force.")
+        self.inputs = [name for name in self._names()
+                       if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT]
+        self.outputs = [name for name in self._names() if name not in self.inputs]
+        self.profiles = profiles
+        self.contexts = []
+        for index in range(len(profiles)):
+            context = self.engine.create_execution_context()
+            context.set_optimization_profile_async(index, stream)
+            self.contexts.append(context)
+        self.last_key: list[tuple | None] = [None] * len(profiles)
+
+    def _names(self) -> list[str]:
+        return [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+
+    def profile_for(self, batch: int, steps: int) -> int:
+        for index, profile in enumerate(self.profiles):
+            if profile.covers(batch, steps):
+                return index
+        raise ValueError(f"no TensorRT profile covers batch {batch} x {steps} steps "
+                         f"({[(p.batch, p.steps) for p in self.profiles]})")
+
+
+class TrtEngine:
+    """Runs the artifact's plans; outputs live in buffers reused by the next step() call."""
+
+    name = "tensorrt"
+
+    def __init__(self, artifact: Artifact | str | Path, device: str | torch.device = "cuda"):
+        trt = require_tensorrt()
+        self.artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
+        self.device = torch.device(device)
+        if self.device.type != "cuda":
+            raise UserError(f"The tensorrt engine runs on CUDA devices, not '{device}'; pass "
+                            "--device cuda.")
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        record = self.artifact.manifest.get("tensorrt")
+        check_plan_compatible(record, trt.__version__,
+                              torch.cuda.get_device_name(self.device), str(self.artifact.path))
+        self.config, self.layout = self.artifact.config, self.artifact.layout
+        self.capacity, self.dtype = self.artifact.capacity, self.artifact.dtype
+        self.max_batch = int(record["max_batch"])
+        profiles = [Profile(p["name"], tuple(p["batch"]), tuple(p["steps"]))
+                    for p in record["profiles"]]
+        # Every plan runs on torch's current stream, so torch ops before and after it are
+        # ordered with it and no synchronisation is needed.
+        self.stream = torch.cuda.current_stream(self.device)
+        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        with torch.cuda.device(self.device):
+            self.plans = {True: _Plan(trt, self._runtime, self.artifact.path /
+                                      record["plans"][STEP], profiles, self.stream.cuda_stream)}
+            if STEP_NOSCORES in record["plans"]:
+                self.plans[False] = _Plan(trt, self._runtime, self.artifact.path /
+                                          record["plans"][STEP_NOSCORES], profiles,
+                                          self.stream.cuda_stream)
+        self._bindings: dict[tuple[bool, int, int], _Bound] = {}
+        self._cache_len = torch.zeros((), dtype=torch.long, device=self.device)
+
+    def has_noscores(self) -> bool:
+        return False in self.plans
+
+    def _binding(self, with_scores: bool, batch: int, steps: int) -> _Bound:
+        key = (with_scores, batch, steps)
+        if key not in self._bindings:
+            config, dev = self.config, self.device
+            present = (config.n_layer, batch, config.kv_heads, steps, config.head_dim)
+            self._bindings[key] = _Bound(
+                StepOutput(
+                    logits=torch.empty(batch, config.vocab_size, dtype=torch.float32, device=dev),
+                    present_key=torch.empty(present, dtype=self.dtype, device=dev),
+                    present_value=torch.empty(present, dtype=self.dtype, device=dev),
+                    attn_mass=torch.empty(config.n_layer, batch, config.n_head, self.capacity,
+                                          dtype=torch.float32, device=dev)
+                    if with_scores else None),
+                torch.zeros(batch, steps, dtype=torch.long, device=dev),
+                torch.zeros(batch, steps, dtype=torch.long, device=dev))
+        return self._bindings[key]
+
+    def _tensors(self, bound: _Bound, cache: KVCache) -> dict[str, torch.Tensor]:
+        """Every IO tensor of the graph by name; the cache as the graph takes it."""
+        tensors = {"input_ids": bound.input_ids, "position_ids": bound.position_ids,
+                   "cache_len": self._cache_len}
+        for name, whole in zip(CACHE_INPUTS, (cache.key, cache.value), strict=True):
+            if self.artifact.split_cache:  # each layer's slice of the same storage
+                tensors.update({layer_input(name, layer): whole[layer]
+                                for layer in range(self.config.n_layer)})
+            else:
+                tensors[name] = whole
+        for name in ("logits", "present_key", "present_value", "attn_mass"):
+            if getattr(bound.out, name) is not None:
+                tensors[name] = getattr(bound.out, name)
+        return tensors
+
+    def step(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: KVCache,
+        need_scores: bool = True,
+    ) -> StepOutput:
+        """One step; the returned tensors are overwritten by the next call with the same shape."""
+        batch, steps = input_ids.shape
+        self._check(cache, batch)
+        with_scores = need_scores or not self.has_noscores()
+        plan = self.plans[with_scores]
+        index = plan.profile_for(batch, steps)
+        context = plan.contexts[index]
+        bound = self._binding(with_scores, batch, steps)
+        bound.input_ids.copy_(input_ids, non_blocking=True)
+        bound.position_ids.copy_(position_ids.expand(batch, steps), non_blocking=True)
+        self._cache_len.fill_(cache.cache_len)  # a fill kernel: no host round trip
+        key = (batch, steps, cache.key.data_ptr(), cache.value.data_ptr())
+        if plan.last_key[index] != key:  # shapes and addresses change per (B, T) and cache
+            tensors = self._tensors(bound, cache)
+            for name in plan.inputs:
+                if not context.set_input_shape(name, tuple(tensors[name].shape)):
+                    raise ValueError(f"TensorRT rejected shape {tuple(tensors[name].shape)} "
+                                     f"for {name}")
+            for name in plan.inputs + plan.outputs:
+                context.set_tensor_address(name, tensors[name].data_ptr())
+            plan.last_key[index] = key
+        if not context.execute_async_v3(self.stream.cuda_stream):
+            raise RuntimeError("TensorRT execute_async_v3 failed (see its log above)")
+        out = bound.out
+        if not need_scores and out.attn_mass is not None:
+            return StepOutput(out.logits, out.present_key, out.present_value, None)
+        return out
+
+    def _check(self, cache: KVCache, batch: int) -> None:
+        if batch > self.max_batch:
+            raise UserError(f"A batch of {batch} rows exceeds the TensorRT plans' max batch "
+                            f"{self.max_batch}; lower --batch-size (CFG doubles the rows) or "
+                            "rebuild with a larger --max-batch.")
+        if cache.capacity != self.capacity:
+            raise ValueError(f"cache capacity {cache.capacity} differs from the artifact's "
+                             f"{self.capacity}; run the policy through fit_policy()")
+        if cache.dtype != self.dtype or cache.key.device != self.device:
+            raise ValueError(f"cache is {cache.dtype} on {cache.key.device}, the engine runs "
+                             f"{self.dtype} on {self.device}")
+        if not (cache.key.is_contiguous() and cache.value.is_contiguous()):
+            raise ValueError("the KV cache must be contiguous to be bound in place")

@@ -1,0 +1,46 @@
+"""Attention over an explicit, fixed-capacity KV cache: the core of every family's step."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def cached_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    past_key: torch.Tensor,
+    past_value: torch.Tensor,
+    live: torch.Tensor,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attend over live cache slots plus the step's own tokens (causal among them).
+
+    q [B, H, T, D]; k, v [B, Hkv, T, D] (post-RoPE); past_* [B, Hkv, C, D]; live [B or 1, C].
+    Returns the attention output [B, T, H*D] and the mass per past slot [B, H, C] (float32).
+    Query heads are grouped by the kv head they share, so the cache is never repeated.
+    """
+    batch, n_head, steps, head_dim = q.shape
+    n_kv_head = k.shape[1]
+    group = n_head // n_kv_head
+    q = q.reshape(batch, n_kv_head, group * steps, head_dim)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    past_scores = ((q * scale) @ past_key.transpose(-1, -2)).float()  # [B, Hkv, G*T, C]
+    past_scores = past_scores.masked_fill(~live.view(live.shape[0], 1, 1, -1), -math.inf)
+    own_scores = ((q * scale) @ k.transpose(-1, -2)).float()  # [B, Hkv, G*T, T]
+    causal = torch.ones(steps, steps, dtype=torch.bool, device=q.device).tril()
+    own_scores = own_scores.masked_fill(~causal.repeat(group, 1), -math.inf)
+    probs = torch.softmax(torch.cat([past_scores, own_scores], dim=-1), dim=-1)
+    capacity = past_key.shape[-2]
+    past_probs, own_probs = probs[..., :capacity], probs[..., capacity:]
+    out = past_probs.to(v.dtype) @ past_value + own_probs.to(v.dtype) @ v
+    out = out.view(batch, n_head, steps, head_dim).transpose(1, 2)
+    mass = past_probs.view(batch, n_head, steps, capacity).sum(dim=2)
+    return out.reshape(batch, steps, -1), mass
+
+
+def live_slots(capacity: int, cache_len: torch.Tensor) -> torch.Tensor:
+    """[B or 1, C] bool: slot < cache_len."""
+    return torch.arange(capacity, device=cache_len.device) < cache_len.reshape(-1, 1)

@@ -1,0 +1,82 @@
+"""Model families behind one step contract: adapters (base.py) and their loaders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ...errors import UserError
+from .base import Family, PrefixGroup
+
+FAMILIES = ("llamagen", "llamagen-t2i", "janus", "lumina")
+HF_TYPES = {"janus": "janus", "chameleon": "lumina"}  # config.json model_type -> family
+
+__all__ = ["FAMILIES", "Family", "PrefixGroup", "check_family", "detect_family", "load_hf_step"]
+
+
+def detect_family(checkpoint: str | Path) -> str | None:
+    """The family a checkpoint belongs to: a HF directory's model_type, or LlamaGen keys."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        try:
+            model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError):
+            return None
+        return HF_TYPES.get(model_type)
+    if not path.is_file():
+        return None
+    from ..checkpoint import read_state_dict
+
+    keys = read_state_dict(path)
+    if any(key.endswith("cls_embedding.cap_proj.fc1.weight") for key in keys):
+        return "llamagen-t2i"
+    if any(key.endswith("cls_embedding.embedding_table.weight") for key in keys):
+        return "llamagen"
+    return None
+
+
+def check_family(family: str, checkpoint: str | Path | None) -> None:
+    """A clear error for an unknown family or a checkpoint of another family."""
+    if family not in FAMILIES:
+        raise UserError(f"Unknown family '{family}'; choose one of: {', '.join(FAMILIES)}.")
+    if checkpoint is None:
+        return
+    found = detect_family(checkpoint)
+    if found is not None and found != family:
+        raise UserError(f"Checkpoint '{checkpoint}' is a {found} model, not {family}; pass "
+                        f"--family {found}.")
+    if found is None and family in ("janus", "lumina"):
+        raise UserError(f"--family {family} needs a local Hugging Face model directory "
+                        f"(config.json + weights); '{checkpoint}' is not one.")
+
+
+def load_hf_step(family: str, directory: str | Path, image_size: int, prefix_capacity: int,
+                 dtype: str = "fp32", device: str = "cpu"):
+    """A Janus or Lumina step model from a local transformers directory (never downloads)."""
+    import torch
+
+    from ..configs import SequenceLayout
+
+    try:
+        import transformers
+    except ImportError:
+        raise UserError(f"--family {family} needs transformers; install linear-export[families]."
+                        ) from None
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    if family == "janus":
+        from .janus import JanusStep
+
+        hf = transformers.JanusForConditionalGeneration.from_pretrained(
+            str(directory), local_files_only=True, dtype=torch_dtype)
+        stride, make = 16, JanusStep
+    else:
+        from .lumina import LuminaStep
+
+        hf = transformers.ChameleonForConditionalGeneration.from_pretrained(
+            str(directory), local_files_only=True, dtype=torch_dtype)
+        stride, make = 16, LuminaStep
+    if image_size <= 0 or image_size % stride:
+        raise UserError(f"--image-size {image_size} is not a positive multiple of {stride}.")
+    grid = image_size // stride
+    layout = SequenceLayout(prefix=prefix_capacity, height=grid, width=grid)
+    return make(hf.eval(), layout).to(device).eval().requires_grad_(False)

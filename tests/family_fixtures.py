@@ -1,0 +1,75 @@
+"""Tiny random models of each family, built from the libraries' own config classes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from linear_export.engines.base import StepOutput
+from linear_export.runtime.cache import KVCache
+
+
+def image_vocab(codes: int, first_id: int) -> dict[str, int]:
+    """A Chameleon vocabulary_map: code c is the BPE token named IMGIMG<c in letters>Z."""
+    letters = {str(i): chr(ord("A") + i) for i in range(10)}
+    return {"IMGIMG" + "".join(letters[d] for d in str(code)) + "Z": first_id + code
+            for code in range(codes)}
+
+
+def tiny_chameleon(codes: int = 16, seed: int = 0):
+    """A 2-layer Chameleon (GQA) with `codes` image tokens at BPE ids 60.."""
+    from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+    from transformers.models.chameleon.configuration_chameleon import ChameleonVQVAEConfig
+
+    vq = ChameleonVQVAEConfig(embed_dim=8, num_embeddings=codes, latent_channels=8,
+                              base_channels=32, channel_multiplier=[1], num_res_blocks=1,
+                              resolution=16, attn_resolutions=[])
+    config = ChameleonConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=256, vq_config=vq.to_dict(),
+                             vocabulary_map=image_vocab(codes, 60))
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return ChameleonForConditionalGeneration(config).eval()
+
+
+class OnnxStepEngine:
+    """Runs an exported step graph with plain onnxruntime, for step-by-step comparisons."""
+
+    name = "onnx"
+
+    def __init__(self, path, like):
+        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.config, self.layout, self.family = like.config, like.layout, like.family
+        self.dtype, self.device = like.dtype, torch.device("cpu")
+
+    def step(self, input_ids, position_ids, cache: KVCache, need_scores=True, **_):
+        batch, steps = input_ids.shape
+        feeds = {"input_ids": input_ids.numpy().astype(np.int64),
+                 "position_ids": position_ids.expand(batch, steps).numpy().astype(np.int64),
+                 "past_key": cache.key.numpy(), "past_value": cache.value.numpy(),
+                 "cache_len": np.array(cache.cache_len, dtype=np.int64)}
+        logits, key, value, mass = (torch.from_numpy(a) for a in self.session.run(None, feeds))
+        return StepOutput(logits, key, value, mass if need_scores else None)
+
+
+def tiny_janus(codes: int = 16, seed: int = 0):
+    """A 2-layer Janus (Llama, GQA) with a `codes`-entry generation vocabulary."""
+    from transformers import JanusConfig, JanusForConditionalGeneration
+
+    text = {"model_type": "llama", "vocab_size": 80, "hidden_size": 32,
+            "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "max_position_embeddings": 256, "pad_token_id": 3}
+    vision = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 32, "patch_size": 16, "projection_dim": 32, "depth": 1,
+              "num_image_tokens": 4}
+    vq = {"embed_dim": 8, "num_embeddings": codes, "latent_channels": 8, "base_channels": 32,
+          "channel_multiplier": [1], "num_res_blocks": 1, "num_patches": 4,
+          "projection_dim": 32, "image_token_embed_dim": 32, "num_hidden_layers": 2}
+    config = JanusConfig(text_config=text, vision_config=vision, vq_config=vq,
+                         image_token_id=79)
+    config._attn_implementation = "eager"
+    config.text_config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return JanusForConditionalGeneration(config).eval()

@@ -1,0 +1,57 @@
+"""`generate --family`: the other families from the CLI, and their bad input (exit 2)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from linear_export.cli import main
+
+T2I = ["generate", "--family", "llamagen-t2i", "--model", "GPT-tiny", "--image-size", "16",
+       "--random-weights", "--budget", "2lines", "--top-k", "0"]
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+@pytest.fixture(scope="module")
+def janus_dir(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from family_fixtures import tiny_janus
+
+    directory = tmp_path_factory.mktemp("janus")
+    tiny_janus().save_pretrained(directory)
+    return directory
+
+
+def test_t2i_generates_token_grids_from_caption_features(tmp_path) -> None:
+    np.save(tmp_path / "a.npy", np.random.default_rng(0).normal(size=(7, 2048)).astype("f4"))
+    result = run(*T2I, "--caption-features", str(tmp_path / "a.npy"),
+                 "--save-tokens", str(tmp_path / "t.npy"))
+    assert result.exit_code == 0, result.output
+    tokens = np.load(tmp_path / "t.npy")
+    assert tokens.shape == (1, 4, 4) and tokens.max() < 64
+
+
+def test_t2i_without_caption_features_is_exit_2() -> None:
+    result = run(*T2I)
+    assert result.exit_code == 2
+    assert "needs T5 caption features" in result.output
+
+
+def test_t2i_caption_longer_than_the_prefix_is_exit_2(tmp_path) -> None:
+    np.save(tmp_path / "long.npy", np.zeros((121, 2048), dtype="f4"))
+    result = run(*T2I, "--caption-features", str(tmp_path / "long.npy"))
+    assert result.exit_code == 2
+    assert "prefix capacity of 120 tokens" in result.output
+
+
+@pytest.mark.parametrize("family", ["lumina", "llamagen"])
+def test_checkpoint_of_another_family_is_exit_2(janus_dir, family) -> None:
+    result = run("generate", "--family", family, "--checkpoint", str(janus_dir),
+                 "--image-size", "32", "--prompt", "a cat")
+    assert result.exit_code == 2, result.output
+    assert "is a janus model, not " + family in result.output
+    assert "--family janus" in result.output

@@ -1,0 +1,92 @@
+"""LlamaGen t2i: caption-feature prefix through the step contract vs a masked full forward."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from linear_export.engines.torch import TorchEngine
+from linear_export.errors import UserError
+from linear_export.models.configs import GPTConfig, SequenceLayout
+from linear_export.models.families.t2i import T2IGPT, load_caption
+from linear_export.models.gpt import init_weights
+from linear_export.runtime.generate import generate
+from linear_export.runtime.policies import Policy, PolicyConfig
+from linear_export.runtime.sampling import SamplingConfig
+
+CONFIG = GPTConfig(dim=64, n_layer=2, n_head=4, vocab_size=64, num_classes=0, cls_token_num=8,
+                   multiple_of=32, downsample=4)
+LAYOUT = SequenceLayout(prefix=8, height=3, width=3)
+CAPTION_DIM = 16
+
+
+@pytest.fixture(scope="module")
+def model():
+    model = init_weights(T2IGPT(CONFIG, LAYOUT, caption_dim=CAPTION_DIM), seed=3, std=0.1)
+    with torch.no_grad():
+        model.cls_embedding.uncond_embedding.normal_(generator=torch.Generator().manual_seed(4))
+    return model.eval()
+
+
+def masked_forward(model: T2IGPT, caption: torch.Tensor, valid: int, codes: torch.Tensor):
+    """The original's prefill: left-padded caption, pad keys masked for every query but itself."""
+    prefix = model.layout.prefix
+    padded = torch.zeros(prefix, caption.shape[-1])
+    padded[prefix - valid:] = caption[-valid:]
+    with torch.no_grad():
+        h = torch.cat([model.cls_embedding.cap_proj(padded),
+                       model.tok_embeddings(codes.reshape(-1))])[None]
+        length = h.shape[1]
+        cos_sin = model.rope[torch.arange(length)][None]
+        key_ok = torch.arange(length) >= prefix - valid
+        mask = torch.ones(length, length, dtype=torch.bool).tril() & key_ok
+        mask |= torch.eye(length, dtype=torch.bool)
+        for layer in model.layers:
+            q, k, v = layer.attention.project(layer.attention_norm(h), cos_sin)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            h = h + layer.attention.wo(out.transpose(1, 2).reshape(1, length, -1))
+            h = h + layer.feed_forward(layer.ffn_norm(h))
+        return model.output(model.norm(h))[0].float()
+
+
+def test_full_policy_reproduces_the_masked_forward(model):
+    generator = torch.Generator().manual_seed(5)
+    captions = [torch.randn(5, CAPTION_DIM, generator=generator),
+                torch.randn(8, CAPTION_DIM, generator=generator)]  # two prefix groups
+    teacher = torch.randint(0, CONFIG.vocab_size, (2, 3, 3), generator=generator)
+    policy = Policy(PolicyConfig(name="full"), LAYOUT)
+    seen: dict[int, torch.Tensor] = {}
+    sampling = SamplingConfig(cfg_scale=2.0, temperature=0, top_k=0)
+    generate(TorchEngine(model), captions, policy, sampling, teacher_tokens=teacher,
+             on_step=lambda index, logits: seen.__setitem__(index, logits.clone()))
+    uncond = model.cls_embedding.uncond_embedding
+    rows = [(c, c.shape[0]) for c in captions] + [(uncond, c.shape[0]) for c in captions]
+    for row, (caption, valid) in enumerate(rows):
+        expected = masked_forward(model, caption, valid, teacher[row % 2])
+        got = torch.stack([seen[index][row] for index in range(LAYOUT.image_tokens)])
+        want = expected[LAYOUT.prefix - 1: LAYOUT.prefix - 1 + LAYOUT.image_tokens]
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_caption_longer_than_the_prefix_is_a_user_error(model):
+    policy = Policy(PolicyConfig(name="full"), LAYOUT)
+    with pytest.raises(UserError, match="prefix capacity of 8 tokens"):
+        generate(TorchEngine(model), [torch.zeros(9, CAPTION_DIM)], policy, SamplingConfig())
+
+
+def test_load_caption_applies_the_mask_and_reports_missing_files(tmp_path):
+    from safetensors.torch import save_file
+
+    features = torch.randn(6, 2048)
+    save_file({"caption": features, "mask": torch.tensor([0, 0, 1, 1, 1, 1])},
+              str(tmp_path / "c.safetensors"))
+    torch.testing.assert_close(load_caption(tmp_path / "c.safetensors"), features[2:])
+    np.save(tmp_path / "c.npy", features.numpy())
+    torch.testing.assert_close(load_caption(tmp_path / "c.npy"), features)
+    with pytest.raises(UserError, match="do not exist"):
+        load_caption(tmp_path / "missing.npy")
+    np.save(tmp_path / "bad.npy", np.zeros((3, 7), dtype=np.float32))
+    with pytest.raises(UserError, match="2048-d"):
+        load_caption(tmp_path / "bad.npy")
