@@ -38,7 +38,7 @@ def build_from_options(
     *, checkpoint: str | None, random_weights: bool, model_name: str, image_size: int,
     dtype: str, policy: str, budget: str, max_batch: int, with_noscores: bool, out: Path,
     force: bool, seed: int = 0, opset: int = DEFAULT_OPSET, split_cache: bool = False,
-    echo=lambda line: None,
+    echo=lambda line: None, vq_checkpoint: str | None = None, vq_model: str = "VQ-16",
 ):
     """Validate, load the weights, export: shared by `build` and `generate --engine ort`."""
     if checkpoint is None and not random_weights:
@@ -68,13 +68,21 @@ def build_from_options(
                    "sha256": sha256_file(Path(checkpoint))}
     else:
         weights = {"source": "random", "seed": seed, "std": RANDOM_STD}
+    vq_decoder = None
+    if vq_checkpoint is not None:
+        from .generate import load_decoder  # generate imports this module
+
+        stage(f"loading the {vq_model} decoder from {vq_checkpoint}")
+        vq_decoder = (load_decoder(vq_checkpoint, vq_model, config),
+                      {"model": vq_model, "path": str(Path(vq_checkpoint).resolve()),
+                       "sha256": sha256_file(Path(vq_checkpoint))})
     options = {"policy": chosen.name, "budget": None if chosen.name == "full" else budget,
                "budget_tokens": chosen.budget}
     artifact = build_artifact(
         model, out, model_name=model_name, image_size=image_size, weights=weights,
         capacity=chosen.capacity, build_options=options, max_batch=max_batch,
         with_noscores=with_noscores, opset=opset, split_cache=split_cache, force=force,
-        log=stage,
+        log=stage, vq_decoder=vq_decoder,
     )
     stage("done")
     return artifact
@@ -111,6 +119,10 @@ def build_from_options(
               help="Artifact directory to create.")
 @click.option("--force", is_flag=True, help="Replace an existing artifact (once the new one is "
                                             "complete).")
+@click.option("--vq-checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Also export this VQ tokenizer's decoder (vq_decoder.onnx); generate "
+                   "--engine ort then decodes images with ONNX Runtime.")
+@click.option("--vq-model", default="VQ-16", show_default=True, help="VQ tokenizer config.")
 @click.option("--tensorrt", is_flag=True,
               help="Also build TensorRT plans (NVIDIA GPU and the tensorrt package needed); "
                    "precision is the graph's --dtype (strongly typed).")
@@ -124,7 +136,7 @@ def build_from_options(
               help="Timing cache file shared across builds [default: one inside the artifact].")
 def build(checkpoint, random_weights, seed, model_name, image_size, dtype, policy, budget,
           max_batch, with_noscores, opset, cache_inputs, out, force, tensorrt, trt_opt_batch,
-          trt_workspace, trt_tf32, trt_timing_cache) -> None:
+          trt_workspace, trt_tf32, trt_timing_cache, vq_checkpoint, vq_model) -> None:
     """Export the decode step to ONNX: an artifact directory for the ort engine and verify.
 
     Example: linear-export build --checkpoint c2i_B_256.pt --model GPT-B --policy linear
@@ -137,7 +149,8 @@ def build(checkpoint, random_weights, seed, model_name, image_size, dtype, polic
         checkpoint=checkpoint, random_weights=random_weights, model_name=model_name,
         image_size=image_size, dtype=dtype, policy=policy, budget=budget, max_batch=max_batch,
         with_noscores=with_noscores, seed=seed, opset=opset,
-        split_cache=cache_inputs == "per-layer", echo=echo,
+        split_cache=cache_inputs == "per-layer", echo=echo, vq_checkpoint=vq_checkpoint,
+        vq_model=vq_model,
     )
     if tensorrt:
         from ..export.tensorrt import GiB, TrtBuildConfig, build_with_plans, default_opt_batch

@@ -210,6 +210,10 @@ def generate(
         from ..engines.ort import fit_policy  # onnxruntime loads only for this engine
 
         chosen = fit_policy(chosen, artifact.capacity)  # the graph's cache size is static
+        if decoder is None and not no_decode and "vq_decoder" in artifact.manifest:
+            from ..engines.ort_vq import OrtVQDecoder
+
+            decoder = OrtVQDecoder(artifact.path / artifact.manifest["vq_decoder"]["file"])
         engine = make_engine(engine_name, artifact=artifact, device=device,
                              cuda_graph=cuda_graph)
     else:

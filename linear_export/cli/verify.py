@@ -87,6 +87,8 @@ def verify(artifact_dir, batch, policies, budget, cfg_scale, seed, checkpoint, d
             click.echo(format_report(report))
             click.echo(f"  ({time.perf_counter() - started:.1f} s)")
             passed &= report.passed
+    if "vq_decoder" in artifact.manifest:
+        passed &= verify_vq_decoder(artifact, batch, seed)
     click.echo("PASS" if passed else "FAIL: the artifact does not match the PyTorch reference.")
     if not passed:
         sys.exit(1)
@@ -113,3 +115,31 @@ def tensorrt_pairs(
     if ort_engine.device == engine.device:
         pairs.append(("tensorrt vs ort", ort_engine, engine))
     return pairs
+
+
+VQ_ATOL = 1e-3  # fp32 decoder; images are in [-1, 1], so this is well under one 8-bit level
+
+
+def verify_vq_decoder(artifact, batch: int, seed: int) -> bool:
+    """vq_decoder.onnx on ONNX Runtime against the PyTorch decoder on random codes."""
+    from ..engines.ort_vq import OrtVQDecoder
+    from .generate import load_decoder
+
+    record = artifact.manifest["vq_decoder"]
+    if not Path(record["path"]).is_file():
+        click.echo(f"note: VQ decoder comparison skipped: its checkpoint {record['path']} is "
+                   "gone; rebuild the artifact or restore the file.")
+        return True
+    reference = load_decoder(record["path"], record["model"], artifact.config)
+    generator = torch.Generator().manual_seed(seed)
+    layout = artifact.layout
+    codes = torch.randint(0, artifact.config.vocab_size, (batch, layout.height, layout.width),
+                          generator=generator)
+    with torch.no_grad():
+        expected = reference.decode_codes(codes).float()
+    got = OrtVQDecoder(artifact.path / record["file"]).decode_codes(codes)
+    error = float((got - expected).abs().max())
+    passed = error <= VQ_ATOL
+    click.echo(f"vq decoder ort vs torch: batch {batch}, max |diff| {error:.2e} (atol "
+               f"{VQ_ATOL:g}): {'pass' if passed else 'FAIL'}")
+    return passed

@@ -28,6 +28,7 @@ MANIFEST = "manifest.json"
 STEP = "step.onnx"
 STEP_DATA = "step.onnx.data"
 STEP_NOSCORES = "step_noscores.onnx"
+VQ_DECODER = "vq_decoder.onnx"
 REBUILD = "rebuild with linear-export build --force"
 # ONNX Runtime's CPU provider has no bfloat16 kernels for these graphs.
 ARTIFACT_DTYPES = ("fp32", "fp16")
@@ -121,12 +122,15 @@ def build_artifact(
     split_cache: bool = True,
     force: bool = False,
     log: Callable[[str], None] = lambda line: None,
+    vq_decoder: tuple[torch.nn.Module, dict] | None = None,
 ) -> Artifact:
     """Export `model` into a new artifact at `out`, renamed into place only once complete.
 
     `weights` says how to rebuild the reference model ({"source": "checkpoint", "path",
     "sha256"} or {"source": "random", "seed", "std"}); `build_options` records the policy.
     `split_cache`: one cache input per layer (bound in place; see export/split_cache.py).
+    `vq_decoder`: (VQModel, record) adds `vq_decoder.onnx`; the record (model name, weights
+    path and hash) goes into the manifest so verify can rebuild the PyTorch decoder.
     """
     out = Path(out)
     dtype_name = next((k for k, v in DTYPES.items() if v == model.output.weight.dtype), None)
@@ -159,6 +163,13 @@ def build_artifact(
                                                       split_cache=split_cache)
             io[STEP_NOSCORES] = {"inputs": [s.to_json() for s in inputs],
                                  "outputs": [s.to_json() for s in outputs]}
+        if vq_decoder is not None:
+            from .vq_onnx import export_vq_decoder
+
+            log(f"exporting {VQ_DECODER}")
+            vq_model, vq_record = vq_decoder
+            export_vq_decoder(vq_model, staging / VQ_DECODER, opset,
+                              grid=(model.layout.height, model.layout.width))
         export_seconds = time.perf_counter() - started
         log("hashing files and writing the manifest")
         manifest = _manifest(model, model_name, image_size, dtype_name, capacity, opset, io,
@@ -167,6 +178,8 @@ def build_artifact(
                                        "variants": sorted(io),
                                        "export_seconds": round(export_seconds, 3)},
                              _hash_files(staging))
+        if vq_decoder is not None:
+            manifest["vq_decoder"] = {"file": VQ_DECODER, **vq_decoder[1]}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _move_into_place(staging, out)
     except BaseException:
