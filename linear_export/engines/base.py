@@ -7,6 +7,7 @@ from typing import Protocol
 
 import torch
 
+from ..errors import UserError
 from ..models.configs import GPTConfig, SequenceLayout
 from ..runtime.cache import KVCache
 
@@ -37,3 +38,29 @@ class Engine(Protocol):
     ) -> StepOutput:
         """Attend over the cache's live slots plus the step's own tokens; never writes the cache."""
         ...
+
+
+def check_bound_cache(engine, cache: KVCache, batch: int, limit: str) -> None:
+    """What engines that bind the cache in place need: rows, capacity, dtype, device, layout.
+
+    `engine` has max_batch, capacity, dtype and device; `limit` names its batch limit.
+    """
+    if batch > engine.max_batch:
+        raise UserError(f"A batch of {batch} rows exceeds {limit} {engine.max_batch}; lower "
+                        "--batch-size (CFG doubles the rows) or rebuild with a larger "
+                        "--max-batch.")
+    if cache.capacity != engine.capacity:
+        raise ValueError(f"cache capacity {cache.capacity} differs from the artifact's "
+                         f"{engine.capacity}; run the policy through fit_policy()")
+    if cache.dtype != engine.dtype or cache.key.device != engine.device:
+        raise ValueError(f"cache is {cache.dtype} on {cache.key.device}, the engine runs "
+                         f"{engine.dtype} on {engine.device}")
+    if not (cache.key.is_contiguous() and cache.value.is_contiguous()):
+        raise ValueError("the KV cache must be contiguous to be bound in place")
+
+
+def without_scores(out: StepOutput, need_scores: bool) -> StepOutput:
+    """Hide an attention mass the graph computed anyway when the caller did not ask for it."""
+    if not need_scores and out.attn_mass is not None:
+        return StepOutput(out.logits, out.present_key, out.present_value, None)
+    return out

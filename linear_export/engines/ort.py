@@ -19,7 +19,7 @@ from ..export.artifact import Artifact, directory_mode, load_artifact
 from ..export.split_cache import layer_input
 from ..runtime.cache import KVCache
 from ..runtime.policies import Policy
-from .base import StepOutput
+from .base import StepOutput, check_bound_cache, without_scores
 
 NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 CACHE_DIR = ".ort"  # optimized models, inside the artifact directory they were made from
@@ -206,7 +206,7 @@ class OrtEngine:
     ) -> StepOutput:
         """One step; the returned tensors are overwritten by the next call with the same shape."""
         batch, steps = input_ids.shape
-        self._check(cache, batch)
+        check_bound_cache(self, cache, batch, "the artifact's --max-batch")
         with_scores = need_scores or not self.has_noscores()
         bound = self._binding(with_scores, batch, steps)
         # Only the tiny inputs are copied, into buffers bound once; nothing is allocated.
@@ -215,24 +215,7 @@ class OrtEngine:
         self._cache_len.fill_(cache.cache_len)
         self._bind_cache(bound, cache)
         self.sessions[with_scores].run_with_iobinding(bound.binding)
-        out = bound.out
-        if not need_scores and out.attn_mass is not None:
-            return StepOutput(out.logits, out.present_key, out.present_value, None)
-        return out
-
-    def _check(self, cache: KVCache, batch: int) -> None:
-        if batch > self.max_batch:
-            raise UserError(f"A batch of {batch} rows exceeds the artifact's --max-batch "
-                            f"{self.max_batch}; lower --batch-size (CFG doubles the rows) or "
-                            "rebuild with a larger --max-batch.")
-        if cache.capacity != self.capacity:
-            raise ValueError(f"cache capacity {cache.capacity} differs from the artifact's "
-                             f"{self.capacity}; run the policy through fit_policy()")
-        if cache.dtype != self.dtype or cache.key.device != self.device:
-            raise ValueError(f"cache is {cache.dtype} on {cache.key.device}, the engine runs "
-                             f"{self.dtype} on {self.device}")
-        if not (cache.key.is_contiguous() and cache.value.is_contiguous()):
-            raise ValueError("the KV cache must be contiguous to be bound in place")
+        return without_scores(bound.out, need_scores)
 
 
 class FixedCapacityPolicy(Policy):

@@ -17,7 +17,7 @@ from ..export.artifact import STEP, STEP_NOSCORES, Artifact, load_artifact
 from ..export.split_cache import CACHE_INPUTS, layer_input
 from ..export.tensorrt import Profile, check_plan_compatible, require_tensorrt
 from ..runtime.cache import KVCache
-from .base import StepOutput
+from .base import StepOutput, check_bound_cache, without_scores
 
 
 @dataclass
@@ -139,7 +139,7 @@ class TrtEngine:
     ) -> StepOutput:
         """One step; the returned tensors are overwritten by the next call with the same shape."""
         batch, steps = input_ids.shape
-        self._check(cache, batch)
+        check_bound_cache(self, cache, batch, "the TensorRT plans' max batch")
         with_scores = need_scores or not self.has_noscores()
         plan = self.plans[with_scores]
         index = plan.profile_for(batch, steps)
@@ -160,21 +160,4 @@ class TrtEngine:
             plan.last_key[index] = key
         if not context.execute_async_v3(self.stream.cuda_stream):
             raise RuntimeError("TensorRT execute_async_v3 failed (see its log above)")
-        out = bound.out
-        if not need_scores and out.attn_mass is not None:
-            return StepOutput(out.logits, out.present_key, out.present_value, None)
-        return out
-
-    def _check(self, cache: KVCache, batch: int) -> None:
-        if batch > self.max_batch:
-            raise UserError(f"A batch of {batch} rows exceeds the TensorRT plans' max batch "
-                            f"{self.max_batch}; lower --batch-size (CFG doubles the rows) or "
-                            "rebuild with a larger --max-batch.")
-        if cache.capacity != self.capacity:
-            raise ValueError(f"cache capacity {cache.capacity} differs from the artifact's "
-                             f"{self.capacity}; run the policy through fit_policy()")
-        if cache.dtype != self.dtype or cache.key.device != self.device:
-            raise ValueError(f"cache is {cache.dtype} on {cache.key.device}, the engine runs "
-                             f"{self.dtype} on {self.device}")
-        if not (cache.key.is_contiguous() and cache.value.is_contiguous()):
-            raise ValueError("the KV cache must be contiguous to be bound in place")
+        return without_scores(bound.out, need_scores)
