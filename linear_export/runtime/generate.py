@@ -125,7 +125,7 @@ def generate(
     tokens = torch.zeros(batch, layout.image_tokens, dtype=torch.long, device=device)
     group_size = config.n_head // config.kv_heads
     evictions = 0
-    nll_sum = torch.zeros((), dtype=torch.float64)
+    nll_sum = torch.zeros((), dtype=torch.float64, device=device)  # read once, at the end
     if teacher_tokens is not None:
         teacher_tokens = teacher_tokens.reshape(batch, layout.image_tokens).to(device)
     single = len(streams) == 1 and streams[0].group.rows == list(range(rows))
@@ -188,7 +188,7 @@ def generate(
             if teacher_tokens is not None:
                 next_token = teacher_tokens[:, code_index]
                 log_probs = torch.log_softmax(guided.float(), dim=-1)
-                nll_sum -= log_probs.gather(1, next_token[:, None]).sum().double().cpu()
+                nll_sum -= log_probs.gather(1, next_token[:, None]).sum().double()
             feed = family.feed_ids(next_token)
         else:
             feed = torch.full((batch,), forced, dtype=torch.long, device=device)
