@@ -17,15 +17,18 @@ def image_vocab(codes: int, first_id: int) -> dict[str, int]:
             for code in range(codes)}
 
 
-def tiny_chameleon(codes: int = 16, seed: int = 0):
-    """A 2-layer Chameleon (GQA) with `codes` image tokens at BPE ids 60.."""
+def tiny_chameleon(codes: int = 16, seed: int = 0, vocab_size: int = 96):
+    """A 2-layer Chameleon (GQA) with `codes` image tokens at BPE ids 60..
+
+    `vocab_size` above 8804 + the grid side holds Lumina-mGPT's own special-token ids.
+    """
     from transformers import ChameleonConfig, ChameleonForConditionalGeneration
     from transformers.models.chameleon.configuration_chameleon import ChameleonVQVAEConfig
 
     vq = ChameleonVQVAEConfig(embed_dim=8, num_embeddings=codes, latent_channels=8,
                               base_channels=32, channel_multiplier=[1], num_res_blocks=1,
                               resolution=16, attn_resolutions=[])
-    config = ChameleonConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
+    config = ChameleonConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                              max_position_embeddings=256, vq_config=vq.to_dict(),
                              vocabulary_map=image_vocab(codes, 60))
@@ -73,3 +76,15 @@ def tiny_janus(codes: int = 16, seed: int = 0):
     config.text_config._attn_implementation = "eager"
     torch.manual_seed(seed)
     return JanusForConditionalGeneration(config).eval()
+
+
+def save_word_tokenizer(directory, words: int = 40) -> None:
+    """A whitespace word-level tokenizer (ids 0..words-1) saved beside a tiny model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{f"w{index}": index for index in range(1, words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>").save_pretrained(
+        directory)

@@ -97,8 +97,7 @@ def test_exported_graph_matches_pytorch_step_by_step(pair, tmp_path):
     export_step(step, path, capacity=policy.capacity, max_batch=8)
     lockstep = LockstepEngine(TorchEngine(step), OnnxStepEngine(path, step), TOLERANCES["fp32"],
                               GREEDY_CFG.cfg_scale)
-    lockstep.family = step.family
-    generate(lockstep, PROMPTS, policy, GREEDY_CFG)
+    lockstep.generate(PROMPTS, policy)
     assert lockstep.steps == LAYOUT.image_tokens  # one group: cond and uncond share a length
     assert lockstep.token_mismatches == 0
     failed = {name: stats for name, stats in lockstep.stats.items() if not stats.passed}

@@ -115,12 +115,12 @@ def test_exported_graph_matches_pytorch_step_by_step(pair, tmp_path):
     policy = Policy(PolicyConfig(name="linear", budget=2 * lines.width), lines)
     path = tmp_path / "step.onnx"
     export_step(step, path, capacity=policy.capacity, max_batch=8)
-    # cfg 1.0: a prefix group's rows are not [cond; uncond] pairs, so no per-group guidance.
     lockstep = LockstepEngine(TorchEngine(step), OnnxStepEngine(path, step), TOLERANCES["fp32"],
-                              cfg_scale=1.0)
-    lockstep.family = step.family
-    generate(lockstep, PROMPTS, policy, GREEDY_CFG)
-    # Three prefix groups (prompts of 7 and 5 tokens, the 3-token uncond context), each a step.
+                              GREEDY_CFG.cfg_scale)
+    lockstep.generate(PROMPTS, policy)
+    # Three prefix groups (prompts of 7 and 5 tokens, the 3-token uncond context), each a step;
+    # guided picks are compared on all rows put back in [cond; uncond] order.
     assert lockstep.steps == 3 * lines.image_tokens
+    assert lockstep.token_mismatches == 0
     failed = {name: stats for name, stats in lockstep.stats.items() if not stats.passed}
     assert not failed, failed

@@ -23,6 +23,13 @@ from ..export.artifact import (
 )
 from ..export.onnx_step import DEFAULT_OPSET
 from ..models import GPT_CONFIGS, SequenceLayout, get_config, init_weights, load_gpt
+from ..models.families import (
+    FAMILIES,
+    HF_FAMILIES,
+    check_family,
+    hf_weights_record,
+    load_hf_step,
+)
 from ..runtime.budget import BUDGET_HELP
 from ..runtime.policies import POLICIES, Policy
 from .options import build_policy
@@ -39,11 +46,20 @@ def build_from_options(
     dtype: str, policy: str, budget: str, max_batch: int, with_noscores: bool, out: Path,
     force: bool, seed: int = 0, opset: int = DEFAULT_OPSET, split_cache: bool = False,
     echo=lambda line: None, vq_checkpoint: str | None = None, vq_model: str = "VQ-16",
+    family: str = "llamagen", max_prompt_tokens: int = 128,
 ):
     """Validate, load the weights, export: shared by `build` and `generate --engine ort`."""
-    if checkpoint is None and not random_weights:
+    check_family(family, checkpoint)
+    if family == "llamagen-t2i":
+        raise UserError("Artifacts for --family llamagen-t2i are not built yet (its prefill "
+                        "takes caption embeddings, which the step graph has no input for); run "
+                        "generate --family llamagen-t2i --engine torch.")
+    if family == "llamagen" and checkpoint is None and not random_weights:
         raise UserError("No weights given; pass --checkpoint PATH (a LlamaGen c2i GPT) or "
                         "--random-weights.")
+    if family in HF_FAMILIES and checkpoint is None:
+        raise UserError(f"--family {family} needs --checkpoint DIR, a local Hugging Face model "
+                        "directory (nothing is downloaded).")
     if dtype not in ARTIFACT_DTYPES:
         raise UserError(f"Artifacts are built in {' or '.join(ARTIFACT_DTYPES)}, not {dtype}; "
                         "ONNX Runtime's CPU provider has no bf16 kernels for this graph.")
@@ -52,28 +68,38 @@ def build_from_options(
     if out.exists() and not force:
         raise UserError(f"Artifact directory '{out}' already exists; pass --force to replace it "
                         "or choose another --out.")
-    config = get_config(model_name)
-    layout = SequenceLayout.for_image(config, image_size)
-    chosen = build_policy(layout, policy, budget)
+    if family == "llamagen":  # a bad budget fails before the weights load
+        config = get_config(model_name)
+        build_policy(SequenceLayout.for_image(config, image_size), policy, budget)
     started = time.perf_counter()
 
     def stage(line: str) -> None:
         echo(f"[{time.perf_counter() - started:7.1f} s] {line}")
 
-    stage(f"loading {model_name} weights from {checkpoint or 'a seeded random init'}")
-    model = load_gpt(model_name, image_size, checkpoint, dtype=dtype, seed=seed)
-    if checkpoint is not None:
-        stage("hashing the checkpoint (recorded so verify can rebuild the reference)")
-        weights = {"source": "checkpoint", "path": str(Path(checkpoint).resolve()),
-                   "sha256": sha256_file(Path(checkpoint))}
+    stage(f"loading {family} weights from {checkpoint or 'a seeded random init'}")
+    if family in HF_FAMILIES:
+        model = load_hf_step(family, checkpoint, image_size, max_prompt_tokens, dtype)
+        model_name = Path(checkpoint).resolve().name
+        stage("hashing the model directory (recorded so verify can rebuild the reference)")
+        weights = hf_weights_record(family, checkpoint)
     else:
-        weights = {"source": "random", "seed": seed, "std": RANDOM_STD}
+        model = load_gpt(model_name, image_size, checkpoint, dtype=dtype, seed=seed)
+        if checkpoint is not None:
+            stage("hashing the checkpoint (recorded so verify can rebuild the reference)")
+            weights = {"source": "checkpoint", "path": str(Path(checkpoint).resolve()),
+                       "sha256": sha256_file(Path(checkpoint))}
+        else:
+            weights = {"source": "random", "seed": seed, "std": RANDOM_STD}
+    chosen = build_policy(model.family.token_layout(model.layout), policy, budget)
     vq_decoder = None
     if vq_checkpoint is not None:
+        if family != "llamagen":
+            raise UserError(f"--vq-checkpoint exports LlamaGen's VQ decoder; --family {family} "
+                            "decodes with its own tokenizer, which artifacts do not hold yet.")
         from .generate import load_decoder  # generate imports this module
 
         stage(f"loading the {vq_model} decoder from {vq_checkpoint}")
-        vq_decoder = (load_decoder(vq_checkpoint, vq_model, config),
+        vq_decoder = (load_decoder(vq_checkpoint, vq_model, model.config),
                       {"model": vq_model, "path": str(Path(vq_checkpoint).resolve()),
                        "sha256": sha256_file(Path(vq_checkpoint))})
     options = {"policy": chosen.name, "budget": None if chosen.name == "full" else budget,
@@ -89,8 +115,14 @@ def build_from_options(
 
 
 @click.command()
-@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
-              help="LlamaGen GPT checkpoint (.pt or .safetensors); omit with --random-weights.")
+@click.option("--checkpoint", type=click.Path(), default=None,
+              help="LlamaGen GPT checkpoint (.pt or .safetensors; omit with --random-weights), "
+                   "or for janus/lumina a local Hugging Face model directory.")
+@click.option("--family", default="llamagen", show_default=True,
+              help=f"Model family: {', '.join(f for f in FAMILIES if f != 'llamagen-t2i')} "
+                   "(llamagen-t2i runs on the torch engine only).")
+@click.option("--max-prompt-tokens", type=int, default=128, show_default=True,
+              help="janus/lumina: the prefix capacity (prompt tokens per row).")
 @click.option("--random-weights", is_flag=True,
               help="Seeded random weights instead of a checkpoint (benchmarks, tests).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random weights.")
@@ -134,13 +166,17 @@ def build_from_options(
               help="Let fp32 plans use TF32 (faster; beyond verify's fp32 tolerances).")
 @click.option("--trt-timing-cache", type=click.Path(dir_okay=False), default=None,
               help="Timing cache file shared across builds [default: one inside the artifact].")
-def build(checkpoint, random_weights, seed, model_name, image_size, dtype, policy, budget,
-          max_batch, with_noscores, opset, cache_inputs, out, force, tensorrt, trt_opt_batch,
-          trt_workspace, trt_tf32, trt_timing_cache, vq_checkpoint, vq_model) -> None:
+def build(checkpoint, family, max_prompt_tokens, random_weights, seed, model_name, image_size,
+          dtype, policy, budget, max_batch, with_noscores, opset, cache_inputs, out, force,
+          tensorrt, trt_opt_batch, trt_workspace, trt_tf32, trt_timing_cache, vq_checkpoint,
+          vq_model) -> None:
     """Export the decode step to ONNX: an artifact directory for the ort engine and verify.
 
     Example: linear-export build --checkpoint c2i_B_256.pt --model GPT-B --policy linear
     --budget 1/4 --out artifacts/gpt-b-linear
+
+    Janus-Pro / Lumina-mGPT: linear-export build --family janus --checkpoint Janus-Pro-1B/
+    --image-size 384 --out artifacts/janus
     """
     started = time.perf_counter()
     echo = lambda line: click.echo(line, err=True)  # noqa: E731
@@ -150,7 +186,7 @@ def build(checkpoint, random_weights, seed, model_name, image_size, dtype, polic
         image_size=image_size, dtype=dtype, policy=policy, budget=budget, max_batch=max_batch,
         with_noscores=with_noscores, seed=seed, opset=opset,
         split_cache=cache_inputs == "per-layer", echo=echo, vq_checkpoint=vq_checkpoint,
-        vq_model=vq_model,
+        vq_model=vq_model, family=family, max_prompt_tokens=max_prompt_tokens,
     )
     if tensorrt:
         from ..export.tensorrt import GiB, TrtBuildConfig, build_with_plans, default_opt_batch
@@ -166,7 +202,8 @@ def build(checkpoint, random_weights, seed, model_name, image_size, dtype, polic
     manifest = artifact.manifest
     size = directory_bytes(artifact.path)
     click.echo(
-        f"Built {artifact.path}: {manifest['model']['name']} {image_size}px {dtype}, capacity "
+        f"Built {artifact.path}: {manifest['model']['family']} {manifest['model']['name']} "
+        f"{image_size}px {dtype}, capacity "
         f"{artifact.capacity} slots ({manifest['build']['policy']}, "
         f"{manifest['build']['cache_inputs']} cache inputs), export "
         f"{manifest['build']['export_seconds']:.1f} s (total {time.perf_counter() - started:.1f}"

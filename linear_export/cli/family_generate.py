@@ -39,6 +39,22 @@ def load_t2i(model_name: str, image_size: int, checkpoint: str | None, dtype: st
     return model.to(dtype=parse_dtype(dtype)).eval().requires_grad_(False)
 
 
+def artifact_engine(family: str, engine_name: str, artifact_dir: Path | None, device: str):
+    """The ort/tensorrt engine of a family's artifact (built by build --family)."""
+    from ..export.artifact import load_artifact
+
+    if engine_name == "torch":
+        raise UserError("--artifact runs on the ort or tensorrt engine; add --engine ort.")
+    if artifact_dir is None:
+        raise UserError(f"--family {family} --engine {engine_name} runs a built artifact; pass "
+                        f"--artifact DIR from linear-export build --family {family}.")
+    artifact = load_artifact(artifact_dir)
+    if artifact.family_name != family:
+        raise UserError(f"Artifact '{artifact_dir}' holds a {artifact.family_name} model, not "
+                        f"{family}; pass --family {artifact.family_name}.")
+    return make_engine(engine_name, artifact=artifact, device=device)
+
+
 def conditions_for(family: str, model, checkpoint: str | None, prompts: tuple[str, ...],
                    caption_features: tuple[str, ...], image_size: int) -> list:
     """What the family's adapter takes: caption features (t2i) or prompt token ids."""
@@ -69,13 +85,16 @@ def generate_family(*, family: str, checkpoint: str | None, random_weights: bool
                     budget: str, knobs: dict, sampling: SamplingConfig, prompts: tuple[str, ...],
                     caption_features: tuple[str, ...], max_prompt_tokens: int, num_images,
                     batch_size: int, seed: int, engine_name: str, save_tokens: Path | None,
-                    stats_json: Path | None, out: Path | None, force: bool) -> None:
-    """Run a non-c2i family on the torch engine; writes tokens and stats."""
+                    stats_json: Path | None, out: Path | None, force: bool,
+                    artifact_dir: Path | None = None) -> None:
+    """Run a non-c2i family on the torch engine, or a built artifact on ort/tensorrt."""
     check_family(family, checkpoint)
-    if engine_name != "torch":
-        raise UserError(f"--family {family} runs on --engine torch for now; artifacts for it "
-                        "are not built yet.")
-    if family == "llamagen-t2i":
+    if engine_name != "torch" or artifact_dir is not None:
+        model, engine = None, artifact_engine(family, engine_name, artifact_dir, device)
+        checkpoint = checkpoint or engine.artifact.manifest["weights"].get("path")
+        image_size = int(engine.artifact.manifest["image_size"])
+        dtype = engine.artifact.dtype_name
+    elif family == "llamagen-t2i":
         if checkpoint is None and not random_weights:
             raise UserError("--family llamagen-t2i needs --checkpoint PATH (a LlamaGen t2i GPT) "
                             "or --random-weights.")
@@ -85,12 +104,17 @@ def generate_family(*, family: str, checkpoint: str | None, random_weights: bool
             raise UserError(f"--family {family} needs --checkpoint DIR, a local Hugging Face "
                             "model directory (nothing is downloaded).")
         model = load_hf_step(family, checkpoint, image_size, max_prompt_tokens, dtype, device)
+    if model is not None:
+        engine = make_engine("torch", model)
     conditions = conditions_for(family, model, checkpoint, prompts, caption_features,
                                 image_size)
     total = num_images or len(conditions)
     conditions = [conditions[i % len(conditions)] for i in range(total)]
-    engine = make_engine("torch", model)
-    chosen = build_policy(model.family.token_layout(model.layout), policy, budget, **knobs)
+    chosen = build_policy(engine.family.token_layout(engine.layout), policy, budget, **knobs)
+    if model is None:
+        from ..engines.ort import fit_policy
+
+        chosen = fit_policy(chosen, engine.capacity)  # the graph's cache size is static
     results = [run_generation(engine, conditions[start:start + batch_size], chosen, sampling,
                               seed=seed + start, progress=sys.stderr.isatty())
                for start in range(0, total, batch_size)]

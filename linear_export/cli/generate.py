@@ -161,7 +161,7 @@ def generate(
             prompts=prompts, caption_features=caption_features,
             max_prompt_tokens=max_prompt_tokens, num_images=num_images, batch_size=batch_size,
             seed=seed, engine_name=engine_name, save_tokens=save_tokens, stats_json=stats_json,
-            out=out, force=force)
+            out=out, force=force, artifact_dir=artifact_dir)
         return
     if checkpoint is not None and Path(checkpoint).is_dir():
         check_family(family, checkpoint)  # a Hugging Face directory of another family
@@ -173,6 +173,9 @@ def generate(
             raise UserError("--artifact already holds the weights; drop --checkpoint and "
                             "--random-weights.")
         artifact = load_artifact(artifact_dir)
+        if artifact.family_name != family:
+            raise UserError(f"Artifact '{artifact_dir}' holds a {artifact.family_name} model; "
+                            f"pass --family {artifact.family_name}.")
         model_name, image_size, dtype = artifact_options(artifact, model_name, image_size, dtype)
     elif checkpoint is None and not random_weights:
         # No weights named: run the bundled demo model (trained by `linear-export demo train`).

@@ -32,8 +32,9 @@ from .options import build_policy
 @click.option("--cfg-scale", type=float, default=4.0, show_default=True,
               help="Classifier-free guidance scale (rows [cond; uncond]); 1.0 disables it.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generations.")
-@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
-              help="The checkpoint the artifact was built from, if it has moved.")
+@click.option("--checkpoint", type=click.Path(), default=None,
+              help="The checkpoint (janus/lumina: model directory) the artifact was built "
+                   "from, if it has moved.")
 @click.option("--device", default="cpu", show_default=True, help="Device of both engines.")
 def verify(artifact_dir, batch, policies, budget, cfg_scale, seed, checkpoint, device) -> None:
     """Compare every output of every step of an artifact with the PyTorch reference.
@@ -53,7 +54,8 @@ def verify(artifact_dir, batch, policies, budget, cfg_scale, seed, checkpoint, d
     budget = budget or build.get("budget") or "1/4"
     explicit = bool(policies)
     names = list(dict.fromkeys(policies or ("full", "linear", build["policy"])))
-    layout, config = artifact.layout, artifact.config
+    family = artifact.family
+    layout = family.token_layout(artifact.layout)  # what policies see (end-of-line included)
     chosen, skipped = [], []
     for name in names:
         policy = build_policy(layout, name, budget)
@@ -62,10 +64,10 @@ def verify(artifact_dir, batch, policies, budget, cfg_scale, seed, checkpoint, d
                            f"artifact has {artifact.capacity}")
             continue
         chosen.append(fit_policy(policy, artifact.capacity))
-    classes = [index % config.num_classes for index in range(batch)]
+    conditions = family.example_conditions(batch, seed)  # class ids, or token prompts
 
-    click.echo(f"Verifying {artifact.path} ({artifact.manifest['model']['name']}, "
-               f"{layout.height}x{layout.width} tokens, {artifact.dtype_name}, capacity "
+    click.echo(f"Verifying {artifact.path} ({family.name} {artifact.manifest['model']['name']}, "
+               f"{layout.height} lines of {layout.width} tokens, {artifact.dtype_name}, capacity "
                f"{artifact.capacity}) against PyTorch: batch {batch}, cfg {cfg_scale}, greedy.")
     click.echo(f"An element passes when |candidate - reference| <= atol or <= rtol * "
                f"|reference| (Polygraphy elementwise check); {artifact.dtype_name} tolerances "
@@ -82,7 +84,7 @@ def verify(artifact_dir, batch, policies, budget, cfg_scale, seed, checkpoint, d
         click.echo(f"{label} ({engine.device}):")
         for policy in chosen:
             started = time.perf_counter()
-            report = compare_engines(base, engine, policy, classes, cfg_scale=cfg_scale,
+            report = compare_engines(base, engine, policy, conditions, cfg_scale=cfg_scale,
                                      dtype_name=artifact.dtype_name, seed=seed)
             click.echo(format_report(report))
             click.echo(f"  ({time.perf_counter() - started:.1f} s)")

@@ -62,6 +62,7 @@ class OrtEngine:
     ):
         self.artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
         self.config, self.layout = self.artifact.config, self.artifact.layout
+        self.family = self.artifact.family  # how the runtime drives the exported model
         self.capacity, self.max_batch = self.artifact.capacity, self.artifact.max_batch
         self.dtype = self.artifact.dtype
         self.device = torch.device(device)

@@ -77,6 +77,7 @@ class TrtEngine:
         check_plan_compatible(record, trt.__version__,
                               torch.cuda.get_device_name(self.device), str(self.artifact.path))
         self.config, self.layout = self.artifact.config, self.artifact.layout
+        self.family = self.artifact.family  # how the runtime drives the exported model
         self.capacity, self.dtype = self.artifact.capacity, self.artifact.dtype
         self.max_batch = int(record["max_batch"])
         profiles = [Profile(p["name"], tuple(p["batch"]), tuple(p["steps"]))

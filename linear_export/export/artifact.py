@@ -20,6 +20,8 @@ import torch
 from ..errors import UserError
 from ..models import DTYPES, GPTConfig, SequenceLayout
 from ..models.checkpoint import load_into, read_state_dict
+from ..models.families import Family, family_from_json, load_hf_step
+from ..models.families.llamagen import LlamaGenC2I
 from ..models.gpt import GPT, init_weights
 from .onnx_step import DEFAULT_OPSET, export_noscores_sharing, export_step
 
@@ -73,6 +75,18 @@ class Artifact:
     @property
     def layout(self) -> SequenceLayout:
         return SequenceLayout(**self.manifest["layout"])
+
+    @property
+    def family(self) -> Family:
+        """How the runtime drives this artifact's model (a LlamaGen c2i one when unrecorded)."""
+        record = self.manifest["model"].get("adapter")
+        if record is None:
+            return LlamaGenC2I.for_model(self.config, self.layout)
+        return family_from_json(record)
+
+    @property
+    def family_name(self) -> str:
+        return self.family.name
 
     @property
     def capacity(self) -> int:
@@ -133,16 +147,16 @@ def build_artifact(
     path and hash) goes into the manifest so verify can rebuild the PyTorch decoder.
     """
     out = Path(out)
-    dtype_name = next((k for k, v in DTYPES.items() if v == model.output.weight.dtype), None)
+    dtype_name = next((k for k, v in DTYPES.items() if v == model.dtype), None)
     if dtype_name not in ARTIFACT_DTYPES:
         raise UserError(f"Artifacts are built in {' or '.join(ARTIFACT_DTYPES)}, not "
                         f"{dtype_name}; pass --dtype fp32 or fp16.")
     if out.exists() and not force:
         raise UserError(f"Artifact directory '{out}' already exists; pass --force to replace it "
                         "or choose another --out.")
-    if capacity > model.layout.length:
-        raise UserError(f"Capacity {capacity} exceeds the whole sequence "
-                        f"({model.layout.length} tokens).")
+    sequence = model.family.token_layout(model.layout).length  # end-of-line tokens included
+    if capacity > sequence:
+        raise UserError(f"Capacity {capacity} exceeds the whole sequence ({sequence} tokens).")
     if max_batch < 1:
         raise UserError(f"--max-batch {max_batch} must be at least 1.")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -197,10 +211,13 @@ def directory_mode() -> int:
 
 def _manifest(model: GPT, model_name: str, image_size: int, dtype_name: str, capacity: int,
               opset: int, io: dict, weights: dict, build: dict, files: dict) -> dict:
-    config, layout = model.config, model.layout
+    config, layout, family = model.config, model.layout, model.family
+    # The adapter is recorded for the families whose conditions are not class ids.
+    adapter = None if isinstance(family, LlamaGenC2I) else family.to_json()
     return {
         "schema_version": SCHEMA_VERSION,
-        "model": {"family": "llamagen-c2i", "name": model_name, "config": asdict(config)},
+        "model": {"family": family.name, "name": model_name, "config": asdict(config),
+                  **({"adapter": adapter} if adapter else {})},
         "layout": asdict(layout),
         "image_size": image_size,
         "vocab_size": config.vocab_size,
@@ -274,6 +291,8 @@ def load_artifact(path: str | Path, *, check_hashes: bool = True) -> Artifact:
 def reference_model(artifact: Artifact, checkpoint: str | Path | None = None) -> GPT:
     """The PyTorch model the artifact was exported from, rebuilt from its recorded weights."""
     weights = artifact.manifest.get("weights", {})
+    if weights.get("source") == "hf":
+        return _hf_reference(artifact, weights, checkpoint)
     model = GPT(artifact.config, artifact.layout)
     if weights.get("source") == "random":
         init_weights(model, seed=int(weights["seed"]), std=float(weights["std"]))
@@ -290,6 +309,21 @@ def reference_model(artifact: Artifact, checkpoint: str | Path | None = None) ->
         raise UserError(f"{MANIFEST} in '{artifact.path}' does not say which weights it was "
                         f"built from; {REBUILD}.")
     return model.to(dtype=artifact.dtype).eval().requires_grad_(False)
+
+
+def _hf_reference(artifact: Artifact, weights: dict, directory: str | Path | None):
+    """A Janus/Lumina step model rebuilt from the recorded Hugging Face directory."""
+    from ..models.families import hf_weights_record
+
+    path = Path(directory or weights["path"])
+    if not path.is_dir():
+        raise UserError(f"The model directory this artifact was built from, '{path}', is "
+                        "missing; pass it with --checkpoint DIR.")
+    if hf_weights_record(weights["family"], path)["sha256"] != weights["sha256"]:
+        raise UserError(f"Model directory '{path}' differs from the one this artifact was built "
+                        "from (sha256 mismatch); pass the original or rebuild the artifact.")
+    return load_hf_step(weights["family"], path, int(artifact.manifest["image_size"]),
+                        artifact.layout.prefix, artifact.dtype_name)
 
 
 def rehash(artifact_dir: Path) -> None:

@@ -12,6 +12,7 @@ from polygraphy.comparator import IterationResult, SimpleCompareFunc
 from polygraphy.logger import G_LOGGER
 
 from ..engines.base import Engine, StepOutput
+from ..models.families.llamagen import LlamaGenC2I
 from ..runtime.cache import KVCache
 from ..runtime.generate import generate
 from ..runtime.policies import Policy
@@ -81,6 +82,7 @@ class LockstepEngine:
     def __init__(self, reference: Engine, candidate: Engine, tolerances: dict, cfg_scale: float):
         self.reference, self.candidate, self.cfg_scale = reference, candidate, cfg_scale
         self.config, self.layout = reference.config, reference.layout
+        self.family = getattr(reference, "family", None)
         self.dtype, self.device = reference.dtype, reference.device
         names = list(OUTPUTS) + [name + NOSCORES for name in OUTPUTS[:3]]
         self.stats = {name: OutputStats(name, *tolerances[name.removesuffix(NOSCORES)])
@@ -92,14 +94,14 @@ class LockstepEngine:
         )
         self.steps = 0
         self.token_mismatches = 0
+        self._candidate_logits: list[torch.Tensor] = []  # this token's calls, one per group
 
     def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache,
              need_scores: bool = True) -> StepOutput:
         reference = self.reference.step(input_ids, position_ids, cache, True)
         candidate = self.candidate.step(input_ids, position_ids, cache, True)
         self._compare(reference, candidate, OUTPUTS, "")
-        if self._pick(candidate.logits).ne(self._pick(reference.logits)).any():
-            self.token_mismatches += 1
+        self._candidate_logits.append(candidate.logits.clone())  # buffers are reused
         has_noscores = getattr(self.candidate, "has_noscores", lambda: False)()
         if not need_scores and has_noscores:
             fast = self.candidate.step(input_ids, position_ids, cache, False)
@@ -107,6 +109,27 @@ class LockstepEngine:
         self.steps += 1
         return StepOutput(reference.logits, reference.present_key, reference.present_value,
                           reference.attn_mass if need_scores else None)
+
+    def generate(self, conditions: Sequence, policy: Policy, seed: int = 0):
+        """A greedy generation that follows the reference, every step compared."""
+        family = self.family or LlamaGenC2I.for_model(self.config, self.layout)
+        greedy = SamplingConfig(cfg_scale=self.cfg_scale, temperature=0.0)
+        groups = family.prefix_groups(list(conditions), greedy.uses_cfg, torch.device("cpu"))
+        return generate(self, conditions, policy, greedy, seed=seed, family=family,
+                        on_step=lambda _, logits: self.check_picks(logits, groups))
+
+    def check_picks(self, reference_logits: torch.Tensor, groups: list) -> None:
+        """After each token: do the guided greedy picks of all rows agree? (generate's on_step)
+
+        The loop runs prefix groups one by one; their candidate logits are put back in the
+        global row order [cond; uncond] before guidance, as generate does for the reference.
+        """
+        candidate = torch.empty_like(reference_logits)
+        for group, logits in zip(groups, self._candidate_logits, strict=True):
+            candidate[group.rows] = logits
+        self._candidate_logits.clear()
+        if self._pick(candidate).ne(self._pick(reference_logits)).any():
+            self.token_mismatches += 1
 
     def _pick(self, logits: torch.Tensor) -> torch.Tensor:
         if self.cfg_scale > 1.0:
@@ -150,7 +173,7 @@ def compare_engines(
     """
     greedy = SamplingConfig(cfg_scale=cfg_scale, temperature=0.0)
     lockstep = LockstepEngine(reference, candidate, TOLERANCES[dtype_name], cfg_scale)
-    expected = generate(lockstep, class_ids, policy, greedy, seed=seed).tokens
+    expected = lockstep.generate(class_ids, policy, seed=seed).tokens
     own = generate(candidate, class_ids, policy, greedy, seed=seed).tokens
     differing = (own != expected).flatten(1).any(0).nonzero()
     return PolicyReport(

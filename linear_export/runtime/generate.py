@@ -137,7 +137,7 @@ def generate(
     # is never fed). Lines are `lines.width` tokens: the image codes plus any end-of-line.
     need_scores = policy.needs_scores(-1)
     for index in range(lines.image_tokens):
-        logits = None
+        logits, evicted = None, False
         for stream in streams:
             extra = {} if stream.inputs_embeds is None else {"inputs_embeds":
                                                              stream.inputs_embeds}
@@ -162,7 +162,7 @@ def generate(
                                             finished_line=finished, cfg=sampling.uses_cfg)
                 if keep is not None:
                     stream.cache.compact(keep, *(() if scores is None else (scores,)))
-                    evictions += stream is streams[0]
+                    evicted = True
                 if stream.policy.score_mode == "line":
                     scores.zero_()
                 if on_line_end is not None:
@@ -174,6 +174,7 @@ def generate(
                     logits = torch.empty(rows, out.logits.shape[-1], dtype=out.logits.dtype,
                                          device=device)
                 logits[stream.rows] = out.logits
+        evictions += evicted  # line ends at which any prefix group's cache was compacted
         if index > 0 and index % lines.width == 0:
             bar.update(1)
         if on_step is not None:

@@ -11,7 +11,42 @@ from .base import Family, PrefixGroup
 FAMILIES = ("llamagen", "llamagen-t2i", "janus", "lumina")
 HF_TYPES = {"janus": "janus", "chameleon": "lumina"}  # config.json model_type -> family
 
-__all__ = ["FAMILIES", "Family", "PrefixGroup", "check_family", "detect_family", "load_hf_step"]
+HF_FAMILIES = ("janus", "lumina")  # step models built from a local transformers directory
+
+__all__ = ["FAMILIES", "HF_FAMILIES", "Family", "PrefixGroup", "check_family", "detect_family",
+           "family_from_json", "hf_weights_record", "load_hf_step"]
+
+
+def family_from_json(record: dict) -> Family:
+    """The adapter an artifact's manifest recorded (Family.to_json)."""
+    from .janus import JanusFamily
+    from .llamagen import LlamaGenC2I
+    from .lumina import LuminaFamily
+
+    kinds = {kind.__name__: kind for kind in (LlamaGenC2I, JanusFamily, LuminaFamily)}
+    fields = dict(record)
+    kind = kinds.get(fields.pop("kind", None))
+    if kind is None:
+        raise UserError(f"The manifest's model adapter {record.get('kind')!r} is not one this "
+                        "linear-export knows; rebuild with linear-export build --force.")
+    return kind(**fields)
+
+
+def hf_weights_record(family: str, directory: str | Path) -> dict:
+    """How verify rebuilds a Janus/Lumina reference: the directory and a hash of its files."""
+    import hashlib
+
+    from ...export.artifact import sha256_file
+
+    root = Path(directory).resolve()
+    digest = hashlib.sha256()
+    for path in sorted(root.iterdir()):
+        if path.is_file() and (path.name == "config.json" or path.suffix in WEIGHT_SUFFIXES):
+            digest.update(f"{path.name}:{sha256_file(path)}\n".encode())
+    return {"source": "hf", "family": family, "path": str(root), "sha256": digest.hexdigest()}
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 def detect_family(checkpoint: str | Path) -> str | None:

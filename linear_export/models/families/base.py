@@ -77,6 +77,22 @@ class Family:
         """Prefill inputs for rows [cond; uncond], grouped by prefix length."""
         raise NotImplementedError
 
+    def prompt_capacity(self) -> int:
+        """Most tokens a prompt may have (the prefix less the family's own context tokens)."""
+        return self.prefix_capacity
+
+    def example_conditions(self, count: int, seed: int = 0) -> list:
+        """Seeded conditions for verify and bench: token prompts of two lengths (two groups).
+
+        Ids lie in [1, image_offset), the text vocabulary of token-prompt families.
+        """
+        if self.image_offset < 2:
+            raise NotImplementedError(f"{type(self).__name__} takes no token prompts")
+        generator = torch.Generator().manual_seed(seed)
+        longest = min(self.prompt_capacity(), 8)
+        return [torch.randint(1, self.image_offset, (max(1, longest - index % 2),),
+                              generator=generator).tolist() for index in range(count)]
+
     def to_json(self) -> dict:
         return {"kind": type(self).__name__, **asdict(self)}
 

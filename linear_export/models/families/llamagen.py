@@ -24,6 +24,10 @@ class LlamaGenC2I(Family):
         return cls(name="llamagen", prefix_capacity=layout.prefix,
                    vocab_size=config.vocab_size, num_classes=config.num_classes)
 
+    def example_conditions(self, count: int, seed: int = 0) -> list[int]:
+        """Class ids 0, 1, 2, ... (cycling)."""
+        return [index % self.num_classes for index in range(count)]
+
     def prefix_groups(
         self, conditions: Sequence[int], cfg: bool, device: torch.device
     ) -> list[PrefixGroup]:

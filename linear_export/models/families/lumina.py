@@ -37,6 +37,9 @@ class LuminaFamily(Family):
         return [self.image_start_id, self.size_base_id + self.height,
                 self.size_base_id + self.width]
 
+    def prompt_capacity(self) -> int:
+        return self.prefix_capacity - len(self.image_context())
+
     def prefix_groups(
         self, conditions: Sequence[Sequence[int]], cfg: bool, device: torch.device
     ) -> list[PrefixGroup]:
@@ -66,6 +69,13 @@ class LuminaStep(HFDecoderStep):
             raise UserError("The Chameleon config has no image tokens in its vocabulary_map; "
                             "pass a Lumina-mGPT checkpoint directory.")
         codes = len(mapping)
+        special = {"end-of-line": eol_id, "image-start": image_start_id,
+                   "largest size": size_base_id + max(layout.height, layout.width)}
+        for what, token in special.items():
+            if not 0 <= token < text.vocab_size:
+                raise UserError(f"Lumina's {what} token id {token} is outside this model's "
+                                f"vocabulary of {text.vocab_size}; pass a Lumina-mGPT "
+                                "checkpoint directory.")
         super().__init__(hf.model.layers, hf.model.norm, hf.model.rotary_emb.inv_freq,
                          geometry(text, layout, codes), layout)
         self.embed_tokens, self.lm_head = hf.model.embed_tokens, hf.lm_head
