@@ -114,3 +114,22 @@ def test_lumina_ids_outside_the_vocabulary_are_exit_2(tmp_path) -> None:
                  "--out", tmp_path / "artifact")
     assert result.exit_code == 2
     assert "outside this model's vocabulary" in result.output
+
+
+def test_bench_runs_a_family_on_torch_and_ort(model_dirs, tmp_path) -> None:
+    out = tmp_path / "bench"
+    result = run("bench", "--family", "lumina", "--checkpoint", model_dirs["lumina"],
+                 "--image-size", 64, "--max-prompt-tokens", 24, "--engines", "torch,ort",
+                 "--policies", "full,linear:2lines", "--batch-sizes", 1, "--repeats", 1,
+                 "--warmup-steps", 1, "--threads", 1, "--out", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "bench.json").read_text())
+    assert report["config"]["family"] == "lumina"
+    runs = {(r["engine"], r["policy"]): r for r in report["results"]}
+    # No LlamaGen baseline loop for other families; both engines ran both policies.
+    assert set(runs) == {(e, p) for e in ("torch", "ort") for p in ("full", "linear:2lines")}
+    for engine in ("torch", "ort"):
+        full, linear = runs[engine, "full"], runs[engine, "linear:2lines"]
+        # Lumina lines are 5 tokens: prefix 24 + 3 lines in flight vs 24 + all 4 lines.
+        assert (full["kv_capacity"], linear["kv_capacity"]) == (24 + 4 * 5, 24 + 3 * 5)
+        assert linear["kv_bytes"] < full["kv_bytes"]

@@ -14,6 +14,7 @@ import torch
 
 from ..errors import UserError
 from ..models import DTYPES, GPT_CONFIGS, SequenceLayout, get_config
+from ..models.families import FAMILIES, HF_FAMILIES, check_family, load_step_model
 from ..outputs import check_writable, json_bytes, write_directory
 from ..runtime.bench import (
     BASELINE,
@@ -59,8 +60,15 @@ def setting(name: str, given: object, quick: bool) -> object:
 @click.command()
 @click.option("--model", "model_name", default=None,
               help=f"Model config: {', '.join(GPT_CONFIGS)} [default: GPT-B].")
-@click.option("--checkpoint", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="LlamaGen GPT checkpoint; omitted: seeded random weights (same speed).")
+@click.option("--checkpoint", type=click.Path(exists=True), default=None,
+              help="LlamaGen GPT checkpoint (omitted: seeded random weights, same speed); "
+                   "janus/lumina: a local Hugging Face model directory.")
+@click.option("--family", default="llamagen", show_default=True,
+              help=f"Model family: {', '.join(FAMILIES)}. Others than llamagen run seeded "
+                   "token prompts (or caption features) and no baseline loop; llamagen-t2i "
+                   "runs on torch only.")
+@click.option("--max-prompt-tokens", type=int, default=128, show_default=True,
+              help="janus/lumina: the prefix capacity (prompt tokens per row).")
 @click.option("--image-size", type=int, default=None, help="Image side in pixels [default: 256].")
 @click.option("--engines", default=None,
               help="Comma-separated engines: torch, ort, tensorrt [default: torch,ort].")
@@ -93,9 +101,9 @@ def setting(name: str, given: object, quick: bool) -> object:
 @click.option("--quick", is_flag=True,
               help="CI smoke test: GPT-tiny 24 px, torch, batch 2, one repeat, one thread.")
 @click.option("--force", is_flag=True, help="Replace an existing --out directory.")
-def bench(model_name, checkpoint, image_size, engines, policies, batch_sizes, cfg_scale, top_k,
-          repeats, warmup_steps, threads, dtype, device, memory_limit, fit_batches, seed, out,
-          artifacts_dir, cuda_graph, quick, force) -> None:
+def bench(model_name, checkpoint, family, max_prompt_tokens, image_size, engines, policies,
+          batch_sizes, cfg_scale, top_k, repeats, warmup_steps, threads, dtype, device,
+          memory_limit, fit_batches, seed, out, artifacts_dir, cuda_graph, quick, force) -> None:
     """Measure images/s, step latency, KV bytes and peak memory of engines x policies.
 
     Every run is a fresh process, configurations alternate within each repeat, and the
@@ -107,8 +115,19 @@ def bench(model_name, checkpoint, image_size, engines, policies, batch_sizes, cf
     if out is not None:
         check_writable(out, force)
     model_name = setting("model", model_name, quick)
-    config = get_config(model_name)
-    layout = SequenceLayout.for_image(config, setting("image_size", image_size, quick))
+    image_size = setting("image_size", image_size, quick)
+    check_family(family, checkpoint)
+    if family == "llamagen":
+        config = get_config(model_name)
+        layout = SequenceLayout.for_image(config, image_size)
+        image_size = layout.height * config.downsample
+    else:  # the layout comes from the weights: load them once here
+        click.echo(f"loading the {family} model to size its policies", err=True)
+        model = load_step_model(family, checkpoint=checkpoint, model_name=model_name,
+                                image_size=image_size, dtype=dtype, seed=seed,
+                                max_prompt_tokens=max_prompt_tokens)
+        layout = model.family.token_layout(model.layout)
+        del model
     specs = [s.strip() for s in setting("policies", policies, quick).split(",") if s.strip()]
     if "full" not in specs:
         specs.insert(0, "full")  # every ratio needs it
@@ -130,10 +149,19 @@ def bench(model_name, checkpoint, image_size, engines, policies, batch_sizes, cf
         raise UserError(f"--fit-batches '{fit_batches}' must be two different batch sizes such "
                         "as 1,4.")
     chosen, skipped = available_engines(setting("engines", engines, quick), device)
+    if family == "llamagen-t2i":  # no artifact for it yet (its prefill takes embeddings)
+        for name in [name for name in chosen if name != "torch"]:
+            chosen.remove(name)
+            skipped[name] = "llamagen-t2i artifacts are not built yet; it runs on torch only"
+        if not chosen:
+            raise UserError("--family llamagen-t2i runs on the torch engine only; add torch to "
+                            "--engines.")
     for name, reason in skipped.items():
         click.echo(f"skipping engine {name}: {reason}", err=True)
     bench_config = BenchConfig(
-        model=model_name, checkpoint=checkpoint, image_size=layout.height * config.downsample,
+        model=model_name if family not in HF_FAMILIES else Path(checkpoint).name,
+        checkpoint=checkpoint, family=family, max_prompt_tokens=max_prompt_tokens,
+        image_size=image_size,
         engines=tuple(chosen), policies=tuple(specs),
         batch_sizes=parse_ints(setting("batch_sizes", batch_sizes, quick), "--batch-sizes"),
         cfg_scale=cfg_scale, top_k=top_k, repeats=setting("repeats", repeats, quick),

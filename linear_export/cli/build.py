@@ -22,13 +22,13 @@ from ..export.artifact import (
     tool_versions,
 )
 from ..export.onnx_step import DEFAULT_OPSET
-from ..models import GPT_CONFIGS, SequenceLayout, get_config, init_weights, load_gpt
+from ..models import GPT_CONFIGS, SequenceLayout, get_config, init_weights
 from ..models.families import (
     FAMILIES,
     HF_FAMILIES,
     check_family,
     hf_weights_record,
-    load_hf_step,
+    load_step_model,
 )
 from ..runtime.budget import BUDGET_HELP
 from ..runtime.policies import POLICIES, Policy
@@ -77,13 +77,14 @@ def build_from_options(
         echo(f"[{time.perf_counter() - started:7.1f} s] {line}")
 
     stage(f"loading {family} weights from {checkpoint or 'a seeded random init'}")
+    model = load_step_model(family, checkpoint=checkpoint, model_name=model_name,
+                            image_size=image_size, dtype=dtype, seed=seed,
+                            max_prompt_tokens=max_prompt_tokens)
     if family in HF_FAMILIES:
-        model = load_hf_step(family, checkpoint, image_size, max_prompt_tokens, dtype)
         model_name = Path(checkpoint).resolve().name
         stage("hashing the model directory (recorded so verify can rebuild the reference)")
         weights = hf_weights_record(family, checkpoint)
     else:
-        model = load_gpt(model_name, image_size, checkpoint, dtype=dtype, seed=seed)
         if checkpoint is not None:
             stage("hashing the checkpoint (recorded so verify can rebuild the reference)")
             weights = {"source": "checkpoint", "path": str(Path(checkpoint).resolve()),

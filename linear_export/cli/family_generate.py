@@ -10,10 +10,7 @@ import numpy as np
 
 from ..engines import make_engine
 from ..errors import UserError
-from ..models import get_config, parse_dtype
-from ..models.checkpoint import load_into, read_state_dict
-from ..models.families import check_family, load_hf_step
-from ..models.gpt import init_weights
+from ..models.families import check_family, load_step_model
 from ..outputs import json_bytes, npy_bytes, write_directory, write_json, write_npy
 from ..runtime.generate import generate as run_generation
 from ..runtime.sampling import SamplingConfig
@@ -23,20 +20,6 @@ from .options import build_policy
 # image-start tag; Lumina-mGPT's generation instruction).
 JANUS_TEMPLATE = "<|User|>: {prompt}\n\n<|Assistant|>:<begin_of_image>"
 LUMINA_TEMPLATE = "Generate an image of {size}x{size} according to the following prompt:\n{prompt}"
-
-
-def load_t2i(model_name: str, image_size: int, checkpoint: str | None, dtype: str, seed: int):
-    """A LlamaGen t2i GPT (prefix 120) from an official t2i checkpoint, or random weights."""
-    from ..models.configs import SequenceLayout
-    from ..models.families.t2i import CAPTION_TOKENS, T2IGPT
-
-    config = get_config(model_name, cls_token_num=CAPTION_TOKENS)
-    model = T2IGPT(config, SequenceLayout.for_image(config, image_size))
-    if checkpoint is None:
-        init_weights(model, seed=seed)
-    else:
-        load_into(model, read_state_dict(checkpoint), model_name)
-    return model.to(dtype=parse_dtype(dtype)).eval().requires_grad_(False)
 
 
 def artifact_engine(family: str, engine_name: str, artifact_dir: Path | None, device: str):
@@ -94,17 +77,13 @@ def generate_family(*, family: str, checkpoint: str | None, random_weights: bool
         checkpoint = checkpoint or engine.artifact.manifest["weights"].get("path")
         image_size = int(engine.artifact.manifest["image_size"])
         dtype = engine.artifact.dtype_name
-    elif family == "llamagen-t2i":
-        if checkpoint is None and not random_weights:
+    else:
+        if family == "llamagen-t2i" and checkpoint is None and not random_weights:
             raise UserError("--family llamagen-t2i needs --checkpoint PATH (a LlamaGen t2i GPT) "
                             "or --random-weights.")
-        model = load_t2i(model_name, image_size, checkpoint, dtype, seed).to(device)
-    else:
-        if checkpoint is None:
-            raise UserError(f"--family {family} needs --checkpoint DIR, a local Hugging Face "
-                            "model directory (nothing is downloaded).")
-        model = load_hf_step(family, checkpoint, image_size, max_prompt_tokens, dtype, device)
-    if model is not None:
+        model = load_step_model(family, checkpoint=checkpoint, model_name=model_name,
+                                image_size=image_size, dtype=dtype, device=device, seed=seed,
+                                max_prompt_tokens=max_prompt_tokens)
         engine = make_engine("torch", model)
     conditions = conditions_for(family, model, checkpoint, prompts, caption_features,
                                 image_size)

@@ -72,7 +72,9 @@ class BenchConfig:
     """What one `linear-export bench` run measures."""
 
     model: str = "GPT-B"
-    checkpoint: str | None = None  # None: seeded random weights
+    checkpoint: str | None = None  # None: seeded random weights; janus/lumina: a HF directory
+    family: str = "llamagen"
+    max_prompt_tokens: int = 128  # janus/lumina: the prefix capacity
     image_size: int = 256
     engines: tuple[str, ...] = ("torch",)
     policies: tuple[str, ...] = ("full", "linear:1/4", "linear:1/6")
@@ -186,11 +188,25 @@ def ratio_table(results: list[Result]) -> None:
         result.vs_baseline = result.ratios(baseline) if baseline else None
 
 
+def load_bench_model(config: BenchConfig, device: str | None = None):
+    """The step model a bench measures (any family), on `device` or the config's."""
+    from ..models.families import load_step_model
+
+    return load_step_model(config.family, checkpoint=config.checkpoint, model_name=config.model,
+                           image_size=config.image_size, dtype=config.dtype,
+                           device=device or config.device, seed=config.seed,
+                           max_prompt_tokens=config.max_prompt_tokens)
+
+
 def plan(config: BenchConfig) -> list[Job]:
-    """The configurations of one repeat: the baseline loop, then every engine x policy."""
+    """The configurations of one repeat: the baseline loop, then every engine x policy.
+
+    The baseline is LlamaGen's own c2i loop, so other families run without it.
+    """
     jobs = []
     for batch in config.batch_sizes:
-        jobs.append(Job(BASELINE, "full", batch, config))
+        if config.family == "llamagen":
+            jobs.append(Job(BASELINE, "full", batch, config))
         jobs += [Job(engine, policy, batch, config)
                  for engine in config.engines for policy in config.policies]
     return jobs
@@ -353,11 +369,15 @@ def prepare_artifacts(config: BenchConfig, log: Callable[[str], None]) -> Iterat
         return
     from ..engines import make_engine
     from ..export.artifact import CACHE_LAYOUTS, build_artifact, sha256_file
-    from ..models import load_gpt
+    from ..models.families import HF_FAMILIES, hf_weights_record
 
-    weights = ({"source": "random", "seed": config.seed, "std": 0.02} if config.checkpoint is None
-               else {"source": "checkpoint", "path": str(Path(config.checkpoint).resolve()),
-                     "sha256": sha256_file(Path(config.checkpoint))})
+    if config.family in HF_FAMILIES:
+        weights = hf_weights_record(config.family, config.checkpoint)
+    elif config.checkpoint is None:
+        weights = {"source": "random", "seed": config.seed, "std": 0.02}
+    else:
+        weights = {"source": "checkpoint", "path": str(Path(config.checkpoint).resolve()),
+                   "sha256": sha256_file(Path(config.checkpoint))}
     rows = (2 if config.cfg_scale > 1 else 1) * max(*config.batch_sizes, *config.fit_batches)
     # The max-batch search may go far above the measured batches: a generous profile.
     max_rows = 4096 if config.memory_limit is not None else max(64, rows)
@@ -370,9 +390,8 @@ def prepare_artifacts(config: BenchConfig, log: Callable[[str], None]) -> Iterat
         paths: dict[str, str] = {}
         for spec in config.policies:
             if model is None:
-                model = load_gpt(config.model, config.image_size, config.checkpoint,
-                                 dtype=config.dtype, seed=config.seed)
-            capacity = parse_policy(spec, model.layout).capacity
+                model = load_bench_model(config, device="cpu")
+            capacity = parse_policy(spec, model.family.token_layout(model.layout)).capacity
             path = work / f"{config.model}-{config.image_size}px-{config.dtype}-c{capacity}"
             wanted = {"model": config.model, "image_size": config.image_size,
                       "dtype": config.dtype, "capacity": capacity, "weights": weights,

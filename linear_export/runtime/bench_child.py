@@ -69,7 +69,7 @@ class TimedEngine:
 def make_engine(job: Job):
     """The engine (or baseline loop) a child measures; ort loads its artifact, not torch weights."""
     from ..engines import make_engine as make_named_engine
-    from ..models import load_gpt
+    from .bench import load_bench_model
 
     config = job.config
     if job.engine == "ort" and config.threads:
@@ -79,8 +79,7 @@ def make_engine(job: Job):
     if job.engine in ARTIFACT_ENGINES:
         return make_named_engine(job.engine, artifact=config.artifacts[job.policy],
                                  device=config.device)
-    model = load_gpt(config.model, config.image_size, config.checkpoint, dtype=config.dtype,
-                     device=config.device, seed=config.seed)
+    model = load_bench_model(config)
     if job.engine == BASELINE:
         from .baseline import BaselineLoop
 
@@ -125,12 +124,15 @@ def run_job(job: Job) -> Measurement:
         torch.set_num_threads(config.threads)
     engine = make_engine(job)
     sampling = SamplingConfig(cfg_scale=config.cfg_scale, top_k=config.top_k)
-    num_classes = engine.config.num_classes
-    classes = [CLASSES[i % len(CLASSES)] % num_classes for i in range(job.batch)]
+    if config.family == "llamagen":
+        num_classes = engine.config.num_classes
+        classes = [CLASSES[i % len(CLASSES)] % num_classes for i in range(job.batch)]
+    else:  # seeded token prompts or caption features of two lengths
+        classes = engine.family.example_conditions(job.batch, config.seed)
     if job.engine == BASELINE:
         seconds, steps, capacity, nbytes = run_baseline(engine, classes, sampling, config)
     else:
-        policy = parse_policy(job.policy, engine.layout)
+        policy = parse_policy(job.policy, engine.family.token_layout(engine.layout))
         seconds, steps, capacity, nbytes = run_engine(engine, policy, classes, sampling, config)
     cuda = torch.cuda.max_memory_allocated() if config.device.startswith("cuda") else None
     return Measurement(seconds, job.batch, 1e3 * statistics.median(steps or [seconds]),

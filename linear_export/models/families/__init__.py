@@ -14,7 +14,31 @@ HF_TYPES = {"janus": "janus", "chameleon": "lumina"}  # config.json model_type -
 HF_FAMILIES = ("janus", "lumina")  # step models built from a local transformers directory
 
 __all__ = ["FAMILIES", "HF_FAMILIES", "Family", "PrefixGroup", "check_family", "detect_family",
-           "family_from_json", "hf_weights_record", "load_hf_step"]
+           "family_from_json", "hf_weights_record", "load_hf_step", "load_step_model"]
+
+
+def load_step_model(
+    family: str, *, checkpoint: str | Path | None, model_name: str, image_size: int,
+    dtype: str = "fp32", device: str = "cpu", seed: int = 0, max_prompt_tokens: int = 128,
+):
+    """Any family's step model in eval mode.
+
+    LlamaGen (c2i, t2i): a checkpoint, or seeded random weights when it is None.
+    Janus / Lumina: a local Hugging Face model directory (`max_prompt_tokens` is the prefix).
+    """
+    check_family(family, checkpoint)
+    if family in HF_FAMILIES:
+        if checkpoint is None:
+            raise UserError(f"--family {family} needs --checkpoint DIR, a local Hugging Face "
+                            "model directory (nothing is downloaded).")
+        return load_hf_step(family, checkpoint, image_size, max_prompt_tokens, dtype, device)
+    if family == "llamagen-t2i":
+        from .t2i import load_t2i_gpt
+
+        return load_t2i_gpt(model_name, image_size, checkpoint, dtype, seed).to(device)
+    from .. import load_gpt
+
+    return load_gpt(model_name, image_size, checkpoint, dtype=dtype, device=device, seed=seed)
 
 
 def family_from_json(record: dict) -> Family:

@@ -76,6 +76,13 @@ class LlamaGenT2IFamily(Family):
             groups.append(PrefixGroup(members, ids, positions, self.prefix_capacity, stacked))
         return groups
 
+    def example_conditions(self, count: int, seed: int = 0) -> list[torch.Tensor]:
+        """Seeded stand-in caption features of two lengths (bench, verify)."""
+        generator = torch.Generator().manual_seed(seed)
+        longest = min(self.prefix_capacity, 16)
+        return [torch.randn(longest - index % 2, self.caption_dim, generator=generator)
+                for index in range(count)]
+
     def to_json(self) -> dict:
         data = asdict(self)
         data.pop("uncond")
@@ -133,3 +140,20 @@ def load_caption(path: str | Path, caption_dim: int = T5_DIM) -> torch.Tensor:
         raise UserError(f"T5 caption features '{path}' are {features.shape[-1]}-d; the model "
                         f"expects {caption_dim}-d flan-t5-xl features.")
     return features
+
+
+def load_t2i_gpt(model_name: str, image_size: int, checkpoint: str | Path | None, dtype: str,
+                 seed: int) -> T2IGPT:
+    """A LlamaGen t2i GPT (prefix 120) from an official t2i checkpoint, or random weights."""
+    from .. import parse_dtype
+    from ..checkpoint import load_into, read_state_dict
+    from ..configs import get_config
+    from ..gpt import init_weights
+
+    config = get_config(model_name, cls_token_num=CAPTION_TOKENS)
+    model = T2IGPT(config, SequenceLayout.for_image(config, image_size))
+    if checkpoint is None:
+        init_weights(model, seed=seed)
+    else:
+        load_into(model, read_state_dict(checkpoint), model_name)
+    return model.to(dtype=parse_dtype(dtype)).eval().requires_grad_(False)
