@@ -133,3 +133,23 @@ def test_bench_runs_a_family_on_torch_and_ort(model_dirs, tmp_path) -> None:
         # Lumina lines are 5 tokens: prefix 24 + 3 lines in flight vs 24 + all 4 lines.
         assert (full["kv_capacity"], linear["kv_capacity"]) == (24 + 4 * 5, 24 + 3 * 5)
         assert linear["kv_bytes"] < full["kv_bytes"]
+
+
+def test_eval_sweeps_a_family_against_its_full_cache(model_dirs, tmp_path) -> None:
+    out = tmp_path / "eval"
+    result = run("eval", "--family", "lumina", "--checkpoint", model_dirs["lumina"],
+                 "--image-size", 64, "--max-prompt-tokens", 24, *PROMPT, "--policies",
+                 "full,linear,window", "--budgets", "1/1,2lines", "--samples-per-class", 2,
+                 "--cfg-scale", 2.0, "--out", out)
+    assert result.exit_code == 0, result.output
+    rows = {(row["policy"], row["budget"]): row
+            for row in json.loads((out / "eval.json").read_text())["rows"]}
+    assert rows["full", "all"]["agreement"] == 1.0
+    # A whole-image budget (w + 1 token lines) evicts nothing: same tokens, same likelihood.
+    assert rows["linear", "1/1"]["agreement"] == 1.0
+    assert abs(rows["linear", "1/1"]["nll_delta"]) < 1e-6
+    for name in ("linear", "window"):
+        row = rows[name, "2lines"]
+        assert np.isfinite(row["nll_delta"]) and row["capacity"] == 24 + 3 * 5
+        assert row["accuracy"] is None and row["frechet"] is None  # no judge for families
+    assert (out / "eval.md").is_file() and (out / "metrics.png").is_file()

@@ -12,6 +12,7 @@ from ..engines import make_engine
 from ..errors import UserError
 from ..evaluation.report import kept_cells_plot, markdown_table, metrics_plot, sample_grids
 from ..evaluation.sweep import EvalSettings, EvalSubject, run_sweep
+from ..models.families import FAMILIES
 from ..outputs import check_writable, json_bytes, write_directory
 from ..runtime.policies import POLICIES, PolicyConfig
 from ..runtime.sampling import SamplingConfig
@@ -38,6 +39,30 @@ def demo_subject(heldout: int, real: int, seed: int) -> EvalSubject:
 
     return EvalSubject(make_engine("torch", gpt), vq.decode_codes, judge, real_images,
                        heldout_tokens, nll_labels)
+
+
+def family_subject(family: str, checkpoint: str | None, model_name: str, image_size: int,
+                   max_prompt_tokens: int, prompts: tuple[str, ...],
+                   caption_features: tuple[str, ...], per_prompt: int, seed: int) -> EvalSubject:
+    """Another family's model on the torch engine; its prompts (or seeded ones) repeated.
+
+    No decoder, judge or real data: accuracy and FD are not measured, and the teacher-forced
+    NLL is taken on the full cache's own samples.
+    """
+    from ..models.families import load_step_model
+    from .family_generate import conditions_for
+
+    model = load_step_model(family, checkpoint=checkpoint, model_name=model_name,
+                            image_size=image_size, seed=seed,
+                            max_prompt_tokens=max_prompt_tokens)
+    if prompts or caption_features:
+        given = conditions_for(family, model, checkpoint, prompts, caption_features, image_size)
+    else:
+        click.echo(f"note: no --prompt given; evaluating on 4 seeded stand-in {family} "
+                   "conditions.", err=True)
+        given = model.family.example_conditions(4, seed)
+    conditions = [condition for condition in given for _ in range(per_prompt)]
+    return EvalSubject(make_engine("torch", model), None, None, None, None, None, conditions)
 
 
 def split_list(text: str) -> tuple[str, ...]:
@@ -72,14 +97,38 @@ def split_list(text: str) -> tuple[str, ...]:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("eval"),
               show_default=True, help="Output directory.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--family", default="demo", show_default=True,
+              help=f"demo (the bundled model), or another family: "
+                   f"{', '.join(f for f in FAMILIES if f != 'llamagen')}.")
+@click.option("--checkpoint", type=click.Path(exists=True), default=None,
+              help="--family janus/lumina: a local Hugging Face model directory; "
+                   "llamagen-t2i: a t2i GPT checkpoint (omitted: random weights).")
+@click.option("--model", "model_name", default="GPT-B", show_default=True,
+              help="--family llamagen-t2i: the GPT config.")
+@click.option("--image-size", type=int, default=256, show_default=True,
+              help="--family: image side in pixels.")
+@click.option("--max-prompt-tokens", type=int, default=128, show_default=True,
+              help="janus/lumina: the prefix capacity (prompt tokens per row).")
+@click.option("--prompt", "prompts", multiple=True,
+              help="janus/lumina: a prompt (repeatable); --samples-per-class images each.")
+@click.option("--caption-features", multiple=True, type=click.Path(dir_okay=False),
+              help="llamagen-t2i: T5 caption features per prompt (.npy or .safetensors).")
 def eval_command(policies, budgets, samples_per_class, heldout, real, batch_size, cfg_scale,
-                 top_k, temperature, seed, quick, out, force, **knobs) -> None:
+                 top_k, temperature, seed, quick, out, force, family, checkpoint, model_name,
+                 image_size, max_prompt_tokens, prompts, caption_features, **knobs) -> None:
     """Evaluate LineAR against full cache, StreamingLLM, H2O and local windows on the demo model.
 
     Writes eval.json, eval.md, metrics.png, one samples_<policy>.png per policy, and
     kept_cells.png (which grid cells LineAR keeps per layer).
+
+    With --family janus, lumina or llamagen-t2i the same sweep runs on your model and
+    prompts: ΔNLL (on the full cache's own samples) and token agreement with full; there is
+    no class judge or real data for those, so no accuracy, FD or sample grids.
     """
     check_writable(out, force)
+    if family != "demo" and family not in FAMILIES[1:]:
+        raise UserError(f"Unknown --family '{family}'; choose demo or one of: "
+                        f"{', '.join(FAMILIES[1:])}.")
     if quick:
         samples_per_class, heldout, real = (QUICK["samples_per_class"], QUICK["heldout"],
                                             QUICK["real"])
@@ -98,7 +147,11 @@ def eval_command(policies, budgets, samples_per_class, heldout, real, batch_size
         sampling=SamplingConfig(cfg_scale=cfg_scale, top_k=top_k, temperature=temperature),
         knobs=knobs,
     )
-    subject = demo_subject(heldout, real, seed)
+    if family == "demo":
+        subject = demo_subject(heldout, real, seed)
+    else:
+        subject = family_subject(family, checkpoint, model_name, image_size, max_prompt_tokens,
+                                 prompts, caption_features, samples_per_class, seed)
     result = run_sweep(subject, settings, progress=sys.stderr.isatty())
     files = {
         "eval.json": json_bytes({"settings": {**settings.__dict__,

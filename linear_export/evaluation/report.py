@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from fractions import Fraction
 
 import matplotlib
 
@@ -60,7 +59,8 @@ def metrics_plot(result: EvalResult) -> bytes:
             axis.set_visible(False)
             continue
         for policy in dict.fromkeys(row.policy for row in result.rows if row.policy != "full"):
-            points = sorted((float(Fraction(row.budget)), getattr(row, key))
+            # Budgets may be given as shares, token counts or lines: plot the share.
+            points = sorted((row.budget_tokens / full.budget_tokens, getattr(row, key))
                             for row in result.rows if row.policy == policy)
             axis.plot(*zip(*points, strict=True), marker="o", label=policy)
         axis.axhline(getattr(full, key), color="black", linestyle="--", label="full")

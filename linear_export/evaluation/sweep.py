@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -24,14 +24,20 @@ Judge = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # images ->
 
 @dataclass
 class EvalSubject:
-    """What is evaluated: an engine, its image decoder, a judge, and real data."""
+    """What is evaluated: an engine, its image decoder, a judge, and real data.
+
+    Class-conditional subjects generate `settings.classes`; others (Janus, Lumina) give their
+    `conditions` (token prompts) and may lack a decoder, a judge and real data: then the
+    teacher-forced NLL is taken on the full cache's own samples.
+    """
 
     engine: Engine
-    decode: Callable[[torch.Tensor], torch.Tensor]  # codes [B, h, w] -> images [B, 3, H, W]
+    decode: Callable[[torch.Tensor], torch.Tensor] | None  # codes [B, h, w] -> [B, 3, H, W]
     judge: Judge | None  # classifier: logits and features; None skips accuracy and FD
-    real_images: torch.Tensor  # [M, 3, H, W] in [-1, 1], the FD reference
-    heldout_tokens: torch.Tensor  # [M', h, w] real images tokenised, for teacher-forced NLL
-    heldout_labels: torch.Tensor  # [M']
+    real_images: torch.Tensor | None  # [M, 3, H, W] in [-1, 1], the FD reference
+    heldout_tokens: torch.Tensor | None  # [M', h, w] real images tokenised, for the NLL
+    heldout_labels: Sequence | None  # [M'] their conditions
+    conditions: list | None = None  # what to generate from; None: settings.classes
 
 
 @dataclass(frozen=True)
@@ -97,8 +103,15 @@ class KeptCells:
 
 def run_sweep(subject: EvalSubject, settings: EvalSettings, progress: bool = False) -> EvalResult:
     """Evaluate `full` first, then every (policy, budget) against it."""
-    engine, layout = subject.engine, subject.engine.layout
-    labels = torch.tensor(settings.classes).repeat_interleave(settings.samples_per_class)
+    engine = subject.engine
+    family = getattr(engine, "family", None)
+    layout = family.token_layout(engine.layout) if family is not None else engine.layout
+    class_conditional = subject.conditions is None
+    if class_conditional:
+        labels = torch.tensor(settings.classes).repeat_interleave(settings.samples_per_class)
+        conditions = labels.tolist()
+    else:
+        labels, conditions = None, subject.conditions
     real_features = None
     floor = None
     if subject.judge is not None:
@@ -109,27 +122,33 @@ def run_sweep(subject: EvalSubject, settings: EvalSettings, progress: bool = Fal
                                  for budget in settings.budgets]
     stages = sorted({max(0, round(layout.height * share) - 1) for share in (0.25, 0.5, 0.9)})
     rows, samples, kept_cells, full_tokens, full_nll = [], {}, {}, None, None
+    heldout = (subject.heldout_tokens, subject.heldout_labels)
     for name, budget in tqdm(configs, desc="eval", disable=not progress):
         tokens_budget = None if name == "full" else parse_budget(budget, layout)
         knobs = settings.knobs if name == "linear" else {}
         policy = Policy(PolicyConfig(name, budget=tokens_budget, **knobs), layout)
         started = time.perf_counter()
-        tokens = generate_all(engine, labels, policy, settings)
-        hook = KeptCells(layout, stages) if name == "linear" and budget == "1/4" else None
-        nll = teacher_forced_nll(subject, policy, settings, hook)
+        tokens = generate_all(engine, conditions, policy, settings)
+        if heldout[0] is None:  # no real data: the full cache's own samples are the reference
+            heldout = (tokens, conditions)
+        # Kept-cell maps assume one prefix length (class-conditional models).
+        picture = class_conditional and name == "linear" and budget == "1/4"
+        hook = KeptCells(layout, stages) if picture else None
+        nll = teacher_forced_nll(engine, *heldout, policy, settings, hook)
         if hook is not None:
             kept_cells = hook.maps
         if full_tokens is None:
             full_tokens, full_nll = tokens, nll
-        images = decode_batches(subject.decode, tokens, settings.batch_size)
         row_accuracy = frechet = noise = None
-        if subject.judge is not None:
-            logits, features = subject.judge(images)
-            row_accuracy = accuracy(logits, labels)
-            frechet = frechet_distance(features.numpy(), real_features)
-            noise = frechet_noise(features.numpy(), real_features, seed=settings.seed)
-        picks = torch.arange(0, len(labels), settings.samples_per_class)
-        samples[f"{name} {budget}"] = to_uint8(images[picks])
+        if subject.decode is not None:
+            images = decode_batches(subject.decode, tokens, settings.batch_size)
+            if subject.judge is not None:
+                logits, features = subject.judge(images)
+                row_accuracy = accuracy(logits, labels)
+                frechet = frechet_distance(features.numpy(), real_features)
+                noise = frechet_noise(features.numpy(), real_features, seed=settings.seed)
+            picks = torch.arange(0, len(conditions), settings.samples_per_class)
+            samples[f"{name} {budget}"] = to_uint8(images[picks])
         rows.append(EvalRow(
             policy=name, budget="all" if name == "full" else budget,
             budget_tokens=policy.budget, capacity=policy.capacity, nll=nll,
@@ -140,26 +159,26 @@ def run_sweep(subject: EvalSubject, settings: EvalSettings, progress: bool = Fal
     return EvalResult(rows, floor, samples, kept_cells)
 
 
-def generate_all(engine: Engine, labels: torch.Tensor, policy: Policy,
+def generate_all(engine: Engine, conditions: list, policy: Policy,
                  settings: EvalSettings) -> torch.Tensor:
-    """Token grids for every label, batch by batch; batch k always uses seed + k."""
+    """Token grids for every condition, batch by batch; batch k always uses seed + k."""
     grids = []
-    for index, start in enumerate(range(0, len(labels), settings.batch_size)):
-        batch = labels[start:start + settings.batch_size].tolist()
+    for index, start in enumerate(range(0, len(conditions), settings.batch_size)):
+        batch = list(conditions[start:start + settings.batch_size])
         grids.append(generate(engine, batch, policy, settings.sampling,
                               seed=settings.seed + index).tokens)
     return torch.cat(grids)
 
 
-def teacher_forced_nll(subject: EvalSubject, policy: Policy, settings: EvalSettings,
-                       hook: KeptCells | None) -> float:
-    """Mean NLL per token of real held-out images fed through the policy's cache (no CFG)."""
+def teacher_forced_nll(engine: Engine, heldout_tokens: torch.Tensor, heldout_conditions: Sequence,
+                       policy: Policy, settings: EvalSettings, hook: KeptCells | None) -> float:
+    """Mean NLL per token of held-out token grids fed through the policy's cache (no CFG)."""
     no_guidance = SamplingConfig(cfg_scale=1.0, temperature=1.0, top_k=0)
     total, count = 0.0, 0
-    for start in range(0, len(subject.heldout_labels), settings.batch_size):
-        labels = subject.heldout_labels[start:start + settings.batch_size]
-        truth = subject.heldout_tokens[start:start + settings.batch_size]
-        result = generate(subject.engine, labels.tolist(), policy, no_guidance,
+    for start in range(0, len(heldout_conditions), settings.batch_size):
+        labels = list(heldout_conditions[start:start + settings.batch_size])
+        truth = heldout_tokens[start:start + settings.batch_size]
+        result = generate(engine, labels, policy, no_guidance,
                           seed=settings.seed, teacher_tokens=truth,
                           on_line_end=hook if start == 0 else None)
         total += result.stats.nll_per_token * len(labels)
