@@ -27,8 +27,9 @@ def demo() -> None:
 def train(out: Path, quick: bool, seed: int, threads: int, force: bool, progress: bool) -> None:
     """Train the demo VQ, classifier and GPT from scratch and write them to --out.
 
-    The full run took 22 minutes on a shared two-core CPU; to refresh the shipped
-    weights, pass --out linear_export/assets/demo --force.
+    The full run took 59 minutes with --threads 2 on a shared two-core AVX2 CPU (the GPT
+    stage is 50 of them); to refresh the shipped weights, pass
+    --out linear_export/assets/demo --force.
     """
     from ..demo.train import FULL_PLAN, QUICK_PLAN, run_training
 
