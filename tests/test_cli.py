@@ -35,9 +35,21 @@ def test_generate_writes_tokens_and_stats(tmp_path) -> None:
                   "peak_rss_bytes", "policy", "budget", "engine", "batch"):
         assert field in stats, field
     assert stats["kv_capacity"] == 1 + 8 + 4 and stats["budget"] == 8
+    assert stats["cfg_scale"] == 4.0  # the default for anything but the bundled demo model
     config = tiny_model().config
     assert stats["kv_bytes"] == 2 * config.n_layer * 4 * config.kv_heads * 13 * 16 * 4
     assert stats["full_kv_bytes"] * 13 == stats["kv_bytes"] * 17
+
+
+def test_demo_model_defaults_to_no_guidance(tmp_path) -> None:
+    # Guidance lowers the demo GPT's class accuracy (52% at CFG 1, 28% at CFG 4), so its
+    # default is 1; an explicit --cfg-scale still wins.
+    for extra, expected in (([], 1.0), (["--cfg-scale", "2.5"], 2.5)):
+        stats = tmp_path / f"stats{expected}.json"
+        result = run("generate", "--classes", "3", "--no-decode", "--stats-json", str(stats),
+                     *extra)
+        assert result.exit_code == 0, result.output
+        assert json.loads(stats.read_text())["cfg_scale"] == expected
 
 
 def test_checkpoint_generation_matches_random_weights(tmp_path) -> None:

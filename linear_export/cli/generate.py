@@ -249,6 +249,7 @@ def generate(
         "policy": chosen.name,
         "budget": chosen.budget,
         "engine": engine_name,
+        "cfg_scale": sampling.cfg_scale,
         "batch": min(batch_size, total),
         "images": total,
         "seconds_generate": seconds,

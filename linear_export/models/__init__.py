@@ -33,12 +33,17 @@ def load_gpt(
     dtype: str = "fp32",
     device: str = "cpu",
     seed: int = 0,
+    model_class: type[GPT] = GPT,
+    **config_overrides: object,
 ) -> GPT:
-    """A GPT in eval mode: weights from `checkpoint`, or seeded random weights when it is None."""
-    config = get_config(model_name)
+    """A GPT in eval mode: weights from `checkpoint`, or seeded random weights when it is None.
+
+    `model_class` and `config_overrides` serve GPT variants (the t2i GPT: its caption prefix).
+    """
+    config = get_config(model_name, **config_overrides)
     layout = SequenceLayout.for_image(config, image_size)
     torch_dtype = parse_dtype(dtype)
-    model = GPT(config, layout)
+    model = model_class(config, layout)
     if checkpoint is None:
         init_weights(model, seed=seed)
     else:

@@ -32,13 +32,15 @@ def load_step_model(
             raise UserError(f"--family {family} needs --checkpoint DIR, a local Hugging Face "
                             "model directory (nothing is downloaded).")
         return load_hf_step(family, checkpoint, image_size, max_prompt_tokens, dtype, device)
-    if family == "llamagen-t2i":
-        from .t2i import load_t2i_gpt
-
-        return load_t2i_gpt(model_name, image_size, checkpoint, dtype, seed).to(device)
     from .. import load_gpt
 
-    return load_gpt(model_name, image_size, checkpoint, dtype=dtype, device=device, seed=seed)
+    variant = {}
+    if family == "llamagen-t2i":  # the same GPT with a 120-token caption prefix
+        from .t2i import CAPTION_TOKENS, T2IGPT
+
+        variant = {"model_class": T2IGPT, "cls_token_num": CAPTION_TOKENS}
+    return load_gpt(model_name, image_size, checkpoint, dtype=dtype, device=device, seed=seed,
+                    **variant)
 
 
 def family_from_json(record: dict) -> Family:

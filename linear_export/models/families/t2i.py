@@ -141,19 +141,3 @@ def load_caption(path: str | Path, caption_dim: int = T5_DIM) -> torch.Tensor:
                         f"expects {caption_dim}-d flan-t5-xl features.")
     return features
 
-
-def load_t2i_gpt(model_name: str, image_size: int, checkpoint: str | Path | None, dtype: str,
-                 seed: int) -> T2IGPT:
-    """A LlamaGen t2i GPT (prefix 120) from an official t2i checkpoint, or random weights."""
-    from .. import parse_dtype
-    from ..checkpoint import load_into, read_state_dict
-    from ..configs import get_config
-    from ..gpt import init_weights
-
-    config = get_config(model_name, cls_token_num=CAPTION_TOKENS)
-    model = T2IGPT(config, SequenceLayout.for_image(config, image_size))
-    if checkpoint is None:
-        init_weights(model, seed=seed)
-    else:
-        load_into(model, read_state_dict(checkpoint), model_name)
-    return model.to(dtype=parse_dtype(dtype)).eval().requires_grad_(False)
