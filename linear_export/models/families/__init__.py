@@ -12,6 +12,7 @@ FAMILIES = ("llamagen", "llamagen-t2i", "janus", "lumina")
 HF_TYPES = {"janus": "janus", "chameleon": "lumina"}  # config.json model_type -> family
 
 HF_FAMILIES = ("janus", "lumina")  # step models built from a local transformers directory
+WEIGHT_SUFFIXES = (".safetensors", ".bin")  # what a HF directory's weights hash covers
 
 __all__ = ["FAMILIES", "HF_FAMILIES", "Family", "PrefixGroup", "check_family", "detect_family",
            "family_from_json", "hf_weights_record", "load_hf_step", "load_step_model"]
@@ -71,8 +72,6 @@ def hf_weights_record(family: str, directory: str | Path) -> dict:
             digest.update(f"{path.name}:{sha256_file(path)}\n".encode())
     return {"source": "hf", "family": family, "path": str(root), "sha256": digest.hexdigest()}
 
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 def detect_family(checkpoint: str | Path) -> str | None:
