@@ -47,12 +47,15 @@ class OnnxStepEngine:
         self.config, self.layout, self.family = like.config, like.layout, like.family
         self.dtype, self.device = like.dtype, torch.device("cpu")
 
-    def step(self, input_ids, position_ids, cache: KVCache, need_scores=True, **_):
+    def step(self, input_ids, position_ids, cache: KVCache, need_scores=True,
+             score_position_ids=None, **_):
         batch, steps = input_ids.shape
+        scored = position_ids if score_position_ids is None else score_position_ids
         feeds = {"input_ids": input_ids.numpy().astype(np.int64),
                  "position_ids": position_ids.expand(batch, steps).numpy().astype(np.int64),
                  "past_key": cache.key.numpy(), "past_value": cache.value.numpy(),
-                 "cache_len": np.array(cache.cache_len, dtype=np.int64)}
+                 "cache_len": np.array(cache.cache_len, dtype=np.int64),
+                 "score_position_ids": scored.expand(batch, steps).numpy().astype(np.int64)}
         logits, key, value, mass = (torch.from_numpy(a) for a in self.session.run(None, feeds))
         return StepOutput(logits, key, value, mass if need_scores else None)
 

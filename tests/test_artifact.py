@@ -37,7 +37,7 @@ def test_manifest_fields() -> None:
     artifact = load_artifact(built(**TINY))
     manifest = artifact.manifest
     model = model_for()
-    assert manifest["schema_version"] == SCHEMA_VERSION == 1
+    assert manifest["schema_version"] == SCHEMA_VERSION == 2
     assert manifest["model"]["name"] == "GPT-tiny"
     assert manifest["model"]["config"] == asdict(model.config)
     assert manifest["layout"] == {"prefix": 1, "height": 6, "width": 6}
@@ -46,7 +46,7 @@ def test_manifest_fields() -> None:
     assert manifest["dtype"] == "fp32" and manifest["opset"] == 18
     step_io = manifest["io"]["step.onnx"]
     assert [spec["name"] for spec in step_io["inputs"]] == [
-        "input_ids", "position_ids", "past_key", "past_value", "cache_len"]
+        "input_ids", "position_ids", "past_key", "past_value", "cache_len", "score_position_ids"]
     assert step_io["inputs"][2]["shape"] == [2, "batch", 4, 37, 16]
     assert step_io["inputs"][4] == {"name": "cache_len", "dtype": "int64", "shape": []}
     assert [spec["name"] for spec in manifest["io"]["step_noscores.onnx"]["outputs"]] == [

@@ -19,8 +19,8 @@ class RecordingEngine(TorchEngine):
         super().__init__(model)
         self.logits: list[torch.Tensor] = []
 
-    def step(self, input_ids, position_ids, cache, need_scores=True):
-        out = super().step(input_ids, position_ids, cache, need_scores)
+    def step(self, input_ids, position_ids, cache, need_scores=True, **extra):
+        out = super().step(input_ids, position_ids, cache, need_scores, **extra)
         self.logits.append(out.logits.clone())
         return out
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from linear_export.models import GPT
+from linear_export.models.rope import apply_rope
 
 from conftest import tiny_model
 
@@ -69,6 +70,60 @@ def test_present_shapes_and_attention_mass() -> None:
     # Each of the 2 queries spends < 1 on the past (the rest goes to its own tokens).
     total = mass.sum(-1)
     assert torch.all(total < 2) and torch.all(total > 0)
+
+
+def reference_mass(model: GPT, ids, positions, score_positions, past: int) -> torch.Tensor:
+    """attn_mass of the step feeding ids[:, past:], written out head by head from the weights."""
+    config = model.config
+    group, dim = config.n_head // config.kv_heads, config.head_dim
+    cos_sin, score_cos_sin = model.rope[positions], model.rope[score_positions[:, past:]]
+    h, masses = model.embed(ids), []
+    for layer in model.layers:
+        attention = layer.attention
+        x = layer.attention_norm(h)
+        q_raw, k_raw, _ = attention.wqkv(x).split(
+            [config.n_head * dim, config.kv_heads * dim, config.kv_heads * dim], dim=-1)
+        keys = apply_rope(k_raw.view(*x.shape[:2], config.kv_heads, dim), cos_sin)
+        queries = apply_rope(q_raw[:, past:].view(x.shape[0], -1, config.n_head, dim),
+                             score_cos_sin)
+        mass = torch.zeros(x.shape[0], config.n_head, past)
+        for head in range(config.n_head):
+            for t in range(queries.shape[1]):  # query t sees keys up to past + t
+                logits = keys[:, :past + t + 1, head // group] @ queries[:, t, head, :, None]
+                probs = torch.softmax(logits[..., 0] / dim ** 0.5, dim=-1)
+                mass[:, head] += probs[:, :past]
+        masses.append(mass)
+        h = h + layer.attention.full(x, cos_sin)
+        h = h + layer.feed_forward(layer.ffn_norm(h))
+    return torch.stack(masses)
+
+
+@pytest.mark.parametrize("name", ["GPT-tiny", "GPT-tiny-gqa"])
+def test_score_positions_rotate_the_queries_that_measure_attention_mass(name: str) -> None:
+    model = tiny_model(name)
+    ids, positions = random_sequence(model, batch=2)
+    past, steps, width = 5, 2, model.layout.width
+    ids, positions = ids[:, :past + steps], positions[:, :past + steps]
+    ahead = positions + 2 * width  # two lines further down, same columns
+    config = model.config
+    shape = (config.n_layer, 2, config.kv_heads, past + 3, config.head_dim)
+    past_key, past_value = torch.zeros(shape), torch.zeros(shape)
+    with torch.no_grad():
+        _, key, value, _ = model.step(ids[:, :past], positions[:, :past], past_key, past_value,
+                                      torch.tensor(0))
+        past_key[:, :, :, :past], past_value[:, :, :, :past] = key, value
+        args = (ids[:, past:], positions[:, past:], past_key, past_value, torch.tensor(past))
+        plain = model.step(*args)
+        in_place = model.step(*args, score_position_ids=positions[:, past:])
+        shifted = model.step(*args, score_position_ids=ahead[:, past:])
+        want = reference_mass(model, ids, positions, ahead, past)
+        want_in_place = reference_mass(model, ids, positions, positions, past)
+    for index in range(3):  # logits and K/V never depend on where the mass is measured
+        torch.testing.assert_close(shifted[index], plain[index], atol=0, rtol=0)
+    torch.testing.assert_close(in_place[3], plain[3], atol=0, rtol=0)
+    torch.testing.assert_close(plain[3][..., :past], want_in_place, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(shifted[3][..., :past], want, atol=1e-5, rtol=1e-4)
+    assert (want - want_in_place).abs().max() > 1e-3
 
 
 def test_prefill_past_keys_are_zero_for_the_class_token() -> None:

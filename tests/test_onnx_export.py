@@ -161,7 +161,7 @@ def test_per_layer_cache_inputs_are_bound_without_a_gather() -> None:
     inputs = {value.name: dims(value) for value in graph.input}
     batch = inputs["input_ids"][0]
     assert list(inputs) == ["input_ids", "position_ids", "past_key.0", "past_key.1",
-                            "past_value.0", "past_value.1", "cache_len"]
+                            "past_value.0", "past_value.1", "cache_len", "score_position_ids"]
     assert inputs["past_key.1"] == [batch, 4, 19, 16] == inputs["past_value.0"]
     readers = {node.op_type for node in graph.node
                if any(name.startswith("past_") for name in node.input)}

@@ -76,6 +76,27 @@ def test_lockstep_comparison_passes_with_polygraphy() -> None:
     assert "logits" in table and "FAIL" not in table
 
 
+def test_score_positions_move_the_mass_as_in_torch() -> None:
+    """The scored graph rotates attn_mass's queries to score_position_ids, as GPT.step does."""
+    model, engine = model_for(), OrtEngine(built(**TINY))
+    reference = TorchEngine(model)
+    config, prefix, width = model.config, model.layout.prefix, model.layout.width
+    cache = KVCache(CacheShape(config.n_layer, 2, config.kv_heads, engine.capacity,
+                               config.head_dim), engine.dtype, engine.device)
+    ids = torch.randint(0, config.vocab_size, (2, prefix + width + 1))
+    ids[:, 0] = config.vocab_size + torch.tensor([1, 2])
+    positions = torch.arange(ids.shape[1]).expand(2, -1)
+    out = reference.step(ids[:, :-1], positions[:, :-1], cache)
+    cache.append(out.present_key, out.present_value, positions[0, :-1])
+    step_ids, step_positions = ids[:, -1:], positions[:, -1:]
+    ahead = step_positions + width
+    want = reference.step(step_ids, step_positions, cache, True, score_position_ids=ahead).attn_mass
+    in_place = reference.step(step_ids, step_positions, cache, True).attn_mass
+    got = engine.step(step_ids, step_positions, cache, True, score_position_ids=ahead).attn_mass
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert (want - in_place).abs().max() > 1e-3  # the input matters
+
+
 def test_outputs_are_preallocated_once_per_shape() -> None:
     engine = OrtEngine(built(**TINY))
     seen: dict[tuple, set] = {}
@@ -84,8 +105,8 @@ def test_outputs_are_preallocated_once_per_shape() -> None:
         def __getattr__(self, name):
             return getattr(engine, name)
 
-        def step(self, input_ids, position_ids, cache, need_scores=True):
-            out = engine.step(input_ids, position_ids, cache, need_scores)
+        def step(self, input_ids, position_ids, cache, need_scores=True, **extra):
+            out = engine.step(input_ids, position_ids, cache, need_scores, **extra)
             key = (tuple(input_ids.shape), out.attn_mass is not None)
             pointers = (out.logits.data_ptr(), out.present_key.data_ptr(),
                         out.present_value.data_ptr())

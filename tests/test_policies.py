@@ -118,6 +118,22 @@ def test_impossible_configurations(config: PolicyConfig, match: str) -> None:
         Policy(config, LAYOUT)
 
 
+def test_linear_lookahead_moves_scoring_queries_down_whole_lines_within_the_image() -> None:
+    layout = LAYOUT  # 6 lines of 4 after a prefix of 2: the last image position is 25
+    last = layout.prefix + layout.image_tokens - 1
+    positions = torch.tensor([[2], [9], [18], [21], [25]])  # lines 0, 1, 4, 4 and 5
+    ahead = Policy(PolicyConfig("linear", budget=8, lookahead=2), layout)
+    moved = ahead.score_positions(positions, last)
+    # Two lines down where the image has them, fewer near its end, never another column.
+    assert moved.flatten().tolist() == [10, 17, 22, 25, 25]
+    assert torch.equal((moved - positions) % layout.width, torch.zeros_like(positions))
+    assert Policy(PolicyConfig("linear", budget=8, lookahead=0), layout).score_positions(
+        positions, last) is None
+    assert Policy(PolicyConfig("h2o", budget=8), layout).score_positions(positions, last) is None
+    with pytest.raises(UserError, match="--lookahead -1"):
+        Policy(PolicyConfig("linear", budget=8, lookahead=-1), layout)
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     height=st.integers(2, 7),

@@ -54,6 +54,9 @@ policy_options = compose(
     click.option("--score-queries", type=int, default=PolicyConfig.score_queries,
                  show_default=True,
                  help="linear: score with the finished line's last k queries (0: all)."),
+    click.option("--lookahead", type=int, default=PolicyConfig.lookahead, show_default=True,
+                 help="linear: rank slots with those queries rotated this many lines ahead, "
+                      "i.e. by what later lines will read (0: in place)."),
     click.option("--sinks", type=int, default=PolicyConfig.sinks, show_default=True,
                  help="streaming: first image tokens always kept."),
     click.option("--recent-tokens", type=int, default=None,
@@ -64,7 +67,8 @@ policy_options = compose(
 def build_policy(layout: SequenceLayout, policy: str, budget: str, **knobs: object) -> Policy:
     if policy not in POLICIES:
         raise UserError(f"Unknown policy '{policy}'; choose one of: {', '.join(POLICIES)}.")
-    for name in ("recent_lines", "anchor", "score_queries", "sinks", "recent_tokens"):
+    for name in ("recent_lines", "anchor", "score_queries", "lookahead", "sinks",
+                 "recent_tokens"):
         value = knobs.get(name)
         if value is not None and value < 0:
             raise UserError(f"--{name.replace('_', '-')} {value} is negative; give 0 or more.")

@@ -35,8 +35,13 @@ class Engine(Protocol):
         position_ids: torch.Tensor,
         cache: KVCache,
         need_scores: bool = True,
+        score_position_ids: torch.Tensor | None = None,
     ) -> StepOutput:
-        """Attend over the cache's live slots plus the step's own tokens; never writes the cache."""
+        """Attend over the cache's live slots plus the step's own tokens; never writes the cache.
+
+        attn_mass is measured with the step's queries rotated to `score_position_ids`
+        (default: position_ids, their own positions).
+        """
         ...
 
 

@@ -35,6 +35,7 @@ class _Captured:
     cache_pointers: tuple[int, int]
     input_ids: torch.Tensor  # [B, 1] static inputs, copied into before each replay
     position_ids: torch.Tensor
+    score_position_ids: torch.Tensor
     outputs: tuple[torch.Tensor, ...]  # logits, present_key, present_value, attn_mass
 
 
@@ -47,8 +48,8 @@ class DecodeGraphs:
         self.cache_len = torch.zeros((), dtype=torch.long, device=device)
         self._graphs: dict[int, _Captured] = {}
 
-    def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-             cache: KVCache) -> tuple[torch.Tensor, ...]:
+    def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache,
+             score_position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """The outputs of one decode step; overwritten by the next replay of the same batch."""
         batch = input_ids.shape[0]
         pointers = (cache.key.data_ptr(), cache.value.data_ptr())
@@ -59,6 +60,8 @@ class DecodeGraphs:
             self._graphs[batch] = captured
         captured.input_ids.copy_(input_ids, non_blocking=True)
         captured.position_ids.copy_(position_ids.expand(batch, 1), non_blocking=True)
+        scored = position_ids if score_position_ids is None else score_position_ids
+        captured.score_position_ids.copy_(scored.expand(batch, 1), non_blocking=True)
         self.cache_len.fill_(cache.cache_len)
         captured.graph.replay()
         return captured.outputs
@@ -67,11 +70,12 @@ class DecodeGraphs:
         input_ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         position_ids = torch.full((batch, 1), self.model.layout.prefix, dtype=torch.long,
                                   device=self.device)
+        score_position_ids = position_ids.clone()
         self.cache_len.fill_(cache.cache_len)
 
         def run() -> tuple[torch.Tensor, ...]:
             return self.model.step(input_ids, position_ids, cache.key, cache.value,
-                                   self.cache_len)
+                                   self.cache_len, score_position_ids=score_position_ids)
 
         # Warm up on a side stream so lazy initialisation (cuBLAS handles, autotuning) is
         # not captured; the step never writes the cache, so running it here is harmless.
@@ -85,4 +89,4 @@ class DecodeGraphs:
         with torch.cuda.graph(graph):
             outputs = run()
         return _Captured(graph, (cache.key.data_ptr(), cache.value.data_ptr()), input_ids,
-                         position_ids, outputs)
+                         position_ids, score_position_ids, outputs)

@@ -44,6 +44,7 @@ class _Bound:
     out: StepOutput
     input_ids: torch.Tensor
     position_ids: torch.Tensor
+    score_position_ids: torch.Tensor | None  # the scored variant's only
     cache_pointers: tuple[int, int] | None = None
 
 
@@ -167,17 +168,21 @@ class OrtEngine:
                 attn_mass=torch.empty(config.n_layer, batch, config.n_head, self.capacity,
                                       dtype=torch.float32, device=dev) if with_scores else None,
             )
-            bound = _Bound(self.sessions[with_scores].io_binding(), out,
+            positions = [torch.zeros(batch, steps, dtype=torch.long, device=dev)
+                         for _ in range(2 if with_scores else 1)]
+            bound = _Bound(self.sessions[with_scores].io_binding(), out, *positions[:1],
                            torch.zeros(batch, steps, dtype=torch.long, device=dev),
-                           torch.zeros(batch, steps, dtype=torch.long, device=dev))
+                           positions[1] if with_scores else None)
             for name in ("logits", "present_key", "present_value", "attn_mass"):
                 tensor = getattr(out, name)
                 if tensor is not None:
                     self._bind(bound.binding.bind_output, name, tensor)
             for name, tensor in (("input_ids", bound.input_ids),
                                  ("position_ids", bound.position_ids),
-                                 ("cache_len", self._cache_len)):
-                self._bind(bound.binding.bind_input, name, tensor)
+                                 ("cache_len", self._cache_len),
+                                 ("score_position_ids", bound.score_position_ids)):
+                if tensor is not None:
+                    self._bind(bound.binding.bind_input, name, tensor)
             self._bindings[key] = bound
         return self._bindings[key]
 
@@ -204,6 +209,7 @@ class OrtEngine:
         position_ids: torch.Tensor,
         cache: KVCache,
         need_scores: bool = True,
+        score_position_ids: torch.Tensor | None = None,
     ) -> StepOutput:
         """One step; the returned tensors are overwritten by the next call with the same shape."""
         batch, steps = input_ids.shape
@@ -213,6 +219,9 @@ class OrtEngine:
         # Only the tiny inputs are copied, into buffers bound once; nothing is allocated.
         bound.input_ids.copy_(input_ids)
         bound.position_ids.copy_(position_ids.expand(batch, steps))
+        if with_scores:
+            scored = position_ids if score_position_ids is None else score_position_ids
+            bound.score_position_ids.copy_(scored.expand(batch, steps))
         self._cache_len.fill_(cache.cache_len)
         self._bind_cache(bound, cache)
         self.sessions[with_scores].run_with_iobinding(bound.binding)

@@ -27,6 +27,7 @@ class _Bound:
     out: StepOutput
     input_ids: torch.Tensor
     position_ids: torch.Tensor
+    score_position_ids: torch.Tensor | None  # the scored variant's only
 
 
 class _Plan:
@@ -113,13 +114,16 @@ class TrtEngine:
                                           dtype=torch.float32, device=dev)
                     if with_scores else None),
                 torch.zeros(batch, steps, dtype=torch.long, device=dev),
-                torch.zeros(batch, steps, dtype=torch.long, device=dev))
+                torch.zeros(batch, steps, dtype=torch.long, device=dev),
+                torch.zeros(batch, steps, dtype=torch.long, device=dev) if with_scores else None)
         return self._bindings[key]
 
     def _tensors(self, bound: _Bound, cache: KVCache) -> dict[str, torch.Tensor]:
         """Every IO tensor of the graph by name; the cache as the graph takes it."""
         tensors = {"input_ids": bound.input_ids, "position_ids": bound.position_ids,
                    "cache_len": self._cache_len}
+        if bound.score_position_ids is not None:
+            tensors["score_position_ids"] = bound.score_position_ids
         for name, whole in zip(CACHE_INPUTS, (cache.key, cache.value), strict=True):
             if self.artifact.split_cache:  # each layer's slice of the same storage
                 tensors.update({layer_input(name, layer): whole[layer]
@@ -137,6 +141,7 @@ class TrtEngine:
         position_ids: torch.Tensor,
         cache: KVCache,
         need_scores: bool = True,
+        score_position_ids: torch.Tensor | None = None,
     ) -> StepOutput:
         """One step; the returned tensors are overwritten by the next call with the same shape."""
         batch, steps = input_ids.shape
@@ -148,6 +153,9 @@ class TrtEngine:
         bound = self._binding(with_scores, batch, steps)
         bound.input_ids.copy_(input_ids, non_blocking=True)
         bound.position_ids.copy_(position_ids.expand(batch, steps), non_blocking=True)
+        if with_scores:
+            scored = position_ids if score_position_ids is None else score_position_ids
+            bound.score_position_ids.copy_(scored.expand(batch, steps), non_blocking=True)
         self._cache_len.fill_(cache.cache_len)  # a fill kernel: no host round trip
         key = (batch, steps, cache.key.data_ptr(), cache.value.data_ptr())
         if plan.last_key[index] != key:  # shapes and addresses change per (B, T) and cache

@@ -35,20 +35,26 @@ class TorchEngine:
         position_ids: torch.Tensor,
         cache: KVCache,
         need_scores: bool = True,
+        score_position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> StepOutput:
-        """One step; `inputs_embeds` [B, T, dim] feeds a prefix that is no token (captions)."""
+        """One step; `inputs_embeds` [B, T, dim] feeds a prefix that is no token (captions).
+
+        `score_position_ids` [B, T] (default position_ids): where the queries that measure
+        attn_mass are rotated to (LineAR's lookahead).
+        """
         input_ids, position_ids = input_ids.to(self.device), position_ids.to(self.device)
-        if inputs_embeds is not None:
-            self._cache_len.fill_(cache.cache_len)
-            logits, present_key, present_value, attn_mass = self.model.step(
-                input_ids, position_ids, cache.key, cache.value, self._cache_len,
-                inputs_embeds=inputs_embeds.to(self.device, self.dtype))
-        elif self.graphs is not None and input_ids.shape[1] == 1:
+        if score_position_ids is not None and need_scores:
+            score_position_ids = score_position_ids.to(self.device)
+        else:
+            score_position_ids = None
+        if self.graphs is not None and input_ids.shape[1] == 1 and inputs_embeds is None:
             logits, present_key, present_value, attn_mass = self.graphs.step(
-                input_ids, position_ids, cache)
+                input_ids, position_ids, cache, score_position_ids)
         else:
             self._cache_len.fill_(cache.cache_len)
+            embeds = None if inputs_embeds is None else inputs_embeds.to(self.device, self.dtype)
             logits, present_key, present_value, attn_mass = self.model.step(
-                input_ids, position_ids, cache.key, cache.value, self._cache_len)
+                input_ids, position_ids, cache.key, cache.value, self._cache_len,
+                inputs_embeds=embeds, score_position_ids=score_position_ids)
         return StepOutput(logits, present_key, present_value, attn_mass if need_scores else None)

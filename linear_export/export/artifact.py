@@ -25,7 +25,7 @@ from ..models.families.llamagen import LlamaGenC2I
 from ..models.gpt import GPT, init_weights
 from .onnx_step import DEFAULT_OPSET, export_noscores_sharing, export_step
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the scored step takes score_position_ids
 MANIFEST = "manifest.json"
 STEP = "step.onnx"
 STEP_DATA = "step.onnx.data"

@@ -97,9 +97,12 @@ class LockstepEngine:
         self._candidate_logits: list[torch.Tensor] = []  # this token's calls, one per group
 
     def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache,
-             need_scores: bool = True) -> StepOutput:
-        reference = self.reference.step(input_ids, position_ids, cache, True)
-        candidate = self.candidate.step(input_ids, position_ids, cache, True)
+             need_scores: bool = True,
+             score_position_ids: torch.Tensor | None = None) -> StepOutput:
+        reference = self.reference.step(input_ids, position_ids, cache, True,
+                                        score_position_ids=score_position_ids)
+        candidate = self.candidate.step(input_ids, position_ids, cache, True,
+                                        score_position_ids=score_position_ids)
         self._compare(reference, candidate, OUTPUTS, "")
         self._candidate_logits.append(candidate.logits.clone())  # buffers are reused
         has_noscores = getattr(self.candidate, "has_noscores", lambda: False)()

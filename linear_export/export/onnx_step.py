@@ -16,7 +16,8 @@ import torch
 from ..models.gpt import GPT, StepModule
 from .split_cache import CACHE_INPUTS, layer_input, split_cache_inputs
 
-INPUT_NAMES = ("input_ids", "position_ids", "past_key", "past_value", "cache_len")
+INPUT_NAMES = ("input_ids", "position_ids", "past_key", "past_value", "cache_len",
+               "score_position_ids")
 OUTPUT_NAMES = ("logits", "present_key", "present_value", "attn_mass")
 DEFAULT_OPSET = 18
 BATCH, STEPS = "batch", "steps"  # the symbolic dims' names in the graph
@@ -33,23 +34,31 @@ class TensorSpec:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
 
+def input_names(with_scores: bool) -> tuple[str, ...]:
+    """Only the scored variant takes score_position_ids (where attn_mass's queries sit)."""
+    return INPUT_NAMES if with_scores else INPUT_NAMES[:-1]
+
+
 def output_names(with_scores: bool) -> tuple[str, ...]:
     return OUTPUT_NAMES if with_scores else OUTPUT_NAMES[:3]
 
 
-def example_inputs(model: GPT, capacity: int) -> tuple[torch.Tensor, ...]:
+def example_inputs(model: GPT, capacity: int, with_scores: bool = True) -> tuple[torch.Tensor, ...]:
     """B = T = 2: the dynamo exporter specialises any dimension whose example size is 1."""
     config, batch, steps = model.config, 2, 2
     dtype = model.dtype
     cache = (config.n_layer, batch, config.kv_heads, capacity, config.head_dim)
     prefix = model.layout.prefix
-    return (
+    positions = torch.arange(prefix, prefix + steps).expand(batch, -1).clone()
+    inputs = (
         torch.zeros(batch, steps, dtype=torch.long),
-        torch.arange(prefix, prefix + steps).expand(batch, -1).clone(),
+        positions,
         torch.zeros(cache, dtype=dtype),
         torch.zeros(cache, dtype=dtype),
         torch.tensor(1, dtype=torch.long),
+        positions.clone(),
     )
+    return inputs if with_scores else inputs[:-1]
 
 
 def export_step(
@@ -77,7 +86,10 @@ def export_step(
         "past_key": {1: batch},
         "past_value": {1: batch},
         "cache_len": None,
+        "score_position_ids": {0: batch, 1: steps},
     }
+    if not with_scores:
+        del dynamic_shapes["score_position_ids"]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), warnings.catch_warnings():
@@ -86,11 +98,11 @@ def export_step(
         warnings.simplefilter("ignore", FutureWarning)
         torch.onnx.export(
             StepModule(model, with_scores=with_scores).eval(),
-            example_inputs(model, capacity),
+            example_inputs(model, capacity, with_scores),
             str(path),
             dynamo=True,
             opset_version=opset,
-            input_names=list(INPUT_NAMES),
+            input_names=list(input_names(with_scores)),
             output_names=list(output_names(with_scores)),
             dynamic_shapes=dynamic_shapes,
             external_data=True,
@@ -132,6 +144,7 @@ def check_step_graph(
         TensorSpec("position_ids", "int64", (BATCH, STEPS)),
         *caches,
         TensorSpec("cache_len", "int64", ()),
+        *([TensorSpec("score_position_ids", "int64", (BATCH, STEPS))] if with_scores else []),
         TensorSpec("logits", "float32", (BATCH, config.vocab_size)),
         TensorSpec("present_key", float_name, present),
         TensorSpec("present_value", float_name, present),

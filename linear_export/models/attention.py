@@ -15,13 +15,31 @@ def cached_attention(
     past_value: torch.Tensor,
     live: torch.Tensor,
     scale: float | None = None,
+    score_q: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attend over live cache slots plus the step's own tokens (causal among them).
 
     q [B, H, T, D]; k, v [B, Hkv, T, D] (post-RoPE); past_* [B, Hkv, C, D]; live [B or 1, C].
     Returns the attention output [B, T, H*D] and the mass per past slot [B, H, C] (float32).
+    `score_q` (like q; default q) are the queries the mass is measured with: LineAR rotates
+    them to positions lines ahead, to rank slots by what later lines will read.
     Query heads are grouped by the kv head they share, so the cache is never repeated.
     """
+    probs = _attention_probs(q, k, past_key, live, scale)
+    batch, n_head, steps, head_dim = q.shape
+    capacity = past_key.shape[-2]
+    past_probs, own_probs = probs[..., :capacity], probs[..., capacity:]
+    out = past_probs.to(v.dtype) @ past_value + own_probs.to(v.dtype) @ v
+    out = out.view(batch, n_head, steps, head_dim).transpose(1, 2)
+    if score_q is not None:
+        past_probs = _attention_probs(score_q, k, past_key, live, scale)[..., :capacity]
+    mass = past_probs.view(batch, n_head, steps, capacity).sum(dim=2)
+    return out.reshape(batch, steps, -1), mass
+
+
+def _attention_probs(q: torch.Tensor, k: torch.Tensor, past_key: torch.Tensor,
+                     live: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Softmax over [past slots, own tokens], float32, [B, Hkv, G*T, C + T]."""
     batch, n_head, steps, head_dim = q.shape
     n_kv_head = k.shape[1]
     group = n_head // n_kv_head
@@ -32,13 +50,7 @@ def cached_attention(
     own_scores = ((q * scale) @ k.transpose(-1, -2)).float()  # [B, Hkv, G*T, T]
     causal = torch.ones(steps, steps, dtype=torch.bool, device=q.device).tril()
     own_scores = own_scores.masked_fill(~causal.repeat(group, 1), -math.inf)
-    probs = torch.softmax(torch.cat([past_scores, own_scores], dim=-1), dim=-1)
-    capacity = past_key.shape[-2]
-    past_probs, own_probs = probs[..., :capacity], probs[..., capacity:]
-    out = past_probs.to(v.dtype) @ past_value + own_probs.to(v.dtype) @ v
-    out = out.view(batch, n_head, steps, head_dim).transpose(1, 2)
-    mass = past_probs.view(batch, n_head, steps, capacity).sum(dim=2)
-    return out.reshape(batch, steps, -1), mass
+    return torch.softmax(torch.cat([past_scores, own_scores], dim=-1), dim=-1)
 
 
 def live_slots(capacity: int, cache_len: torch.Tensor) -> torch.Tensor:

@@ -49,15 +49,23 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(config.dim, qkv_dim, bias=False)
         self.wo = nn.Linear(self.n_head * self.head_dim, config.dim, bias=False)
 
-    def project(self, x: torch.Tensor, cos_sin: torch.Tensor):
-        """q [B, H, T, D], k and v [B, Hkv, T, D]; q and k after RoPE."""
+    def project(self, x: torch.Tensor, cos_sin: torch.Tensor,
+                score_cos_sin: torch.Tensor | None = None):
+        """q [B, H, T, D], k and v [B, Hkv, T, D]; q and k after RoPE.
+
+        With `score_cos_sin`, also the same queries rotated to those (score) positions.
+        """
         batch, steps, _ = x.shape
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
-        q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
-        q = apply_rope(q.view(batch, steps, self.n_head, self.head_dim), cos_sin)
+        q_raw, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        q_raw = q_raw.view(batch, steps, self.n_head, self.head_dim)
+        q = apply_rope(q_raw, cos_sin)
         k = apply_rope(k.view(batch, steps, self.n_kv_head, self.head_dim), cos_sin)
         v = v.view(batch, steps, self.n_kv_head, self.head_dim)
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        projected = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if score_cos_sin is None:
+            return projected
+        return *projected, apply_rope(q_raw, score_cos_sin).transpose(1, 2)
 
     def step(
         self,
@@ -66,13 +74,18 @@ class Attention(nn.Module):
         past_key: torch.Tensor,
         past_value: torch.Tensor,
         live: torch.Tensor,
+        score_cos_sin: torch.Tensor | None = None,
     ):
         """Attend over live cache slots plus this step's own tokens (causal among them).
 
-        Returns the block output, this step's k and v, and the attention mass per past slot.
+        Returns the block output, this step's k and v, and the attention mass per past slot
+        (measured with queries at the `score_cos_sin` positions when given).
         """
-        q, k, v = self.project(x, cos_sin)
-        out, mass = cached_attention(q, k, v, past_key, past_value, live)
+        if score_cos_sin is None:
+            (q, k, v), score_q = self.project(x, cos_sin), None
+        else:
+            q, k, v, score_q = self.project(x, cos_sin, score_cos_sin)
+        out, mass = cached_attention(q, k, v, past_key, past_value, live, score_q=score_q)
         return self.wo(out), k, v, mass
 
     def full(self, x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
@@ -148,21 +161,25 @@ class GPT(nn.Module):
         past_value: torch.Tensor,
         cache_len: torch.Tensor,
         inputs_embeds: torch.Tensor | None = None,
+        score_position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One decode step (DESIGN.md contract).
 
         input_ids, position_ids [B, T]; past_key/past_value [L, B, Hkv, C, D]; cache_len [] or
         [B]. Returns logits [B, V] float32, present_key/present_value [L, B, Hkv, T, D] and
         attn_mass [L, B, H, C] float32. `inputs_embeds` [B, T, dim] replaces the embedding of
-        input_ids (a caption prefix, which is no token).
+        input_ids (a caption prefix, which is no token). `score_position_ids` [B, T] (default
+        position_ids): where the queries that measure attn_mass are rotated to.
         """
         live = live_slots(past_key.shape[3], cache_len)
         cos_sin = self.rope[position_ids]
+        score_cos_sin = None if score_position_ids is None else self.rope[score_position_ids]
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.to(cos_sin.device)
         keys, values, masses = [], [], []
         for index, layer in enumerate(self.layers):
             attn_out, k, v, mass = layer.attention.step(
-                layer.attention_norm(h), cos_sin, past_key[index], past_value[index], live
+                layer.attention_norm(h), cos_sin, past_key[index], past_value[index], live,
+                score_cos_sin,
             )
             h = h + attn_out
             h = h + layer.feed_forward(layer.ffn_norm(h))
@@ -192,9 +209,12 @@ class StepModule(nn.Module):
         super().__init__()
         self.model, self.with_scores = model, with_scores
 
-    def forward(self, input_ids, position_ids, past_key, past_value, cache_len):
+    def forward(self, input_ids, position_ids, past_key, past_value, cache_len,
+                score_position_ids=None):
+        """The scored variant takes `score_position_ids` too (the graph's last input)."""
         logits, present_key, present_value, attn_mass = self.model.step(
-            input_ids, position_ids, past_key, past_value, cache_len
+            input_ids, position_ids, past_key, past_value, cache_len,
+            score_position_ids=score_position_ids if self.with_scores else None,
         )
         if self.with_scores:
             return logits, present_key, present_value, attn_mass

@@ -141,6 +141,10 @@ def generate(
         for stream in streams:
             extra = {} if stream.inputs_embeds is None else {"inputs_embeds":
                                                              stream.inputs_embeds}
+            if need_scores:
+                last = stream.group.image_position + lines.image_tokens - 1
+                extra["score_position_ids"] = stream.policy.score_positions(stream.positions,
+                                                                            last)
             out = engine.step(stream.input_ids, stream.positions, stream.cache, need_scores,
                               **extra)
             # The check syncs with the device: on accelerators run it once per line only

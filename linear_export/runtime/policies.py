@@ -29,6 +29,7 @@ class PolicyConfig:
     granularity: str = "head"  # linear/h2o: select per (layer, head) or per layer
     cfg_share: bool = False  # cond and uncond rows share one selection
     score_queries: int = 0  # linear: score with the line's last k queries (0: all of them)
+    lookahead: int = 2  # linear: score with those queries rotated this many lines ahead
     sinks: int = 4  # streaming: first image tokens always kept (attention sinks)
     recent_tokens: int | None = None  # h2o: recent window (None: half the budget)
 
@@ -40,6 +41,8 @@ class Policy:
         if config.name not in POLICIES:
             known = ", ".join(POLICIES)
             raise UserError(f"Unknown policy '{config.name}'; choose one of: {known}.")
+        if config.lookahead < 0:
+            raise UserError(f"--lookahead {config.lookahead} is negative; give 0 or more lines.")
         if config.granularity not in ("head", "layer"):
             raise UserError(f"Unknown granularity '{config.granularity}'; use head or layer.")
         self.config, self.layout = config, layout
@@ -86,6 +89,21 @@ class Policy:
         if not self.evicts:
             return layout.length
         return min(layout.prefix + self.budget + layout.width, layout.length)
+
+    def score_positions(self, positions: torch.Tensor, last_position: int) -> torch.Tensor | None:
+        """Where the scoring queries are rotated to: `lookahead` lines below `positions`.
+
+        Kept slots can never come back, so LineAR ranks them by what later lines will read,
+        not by what the finished line read: its queries are rotated (RoPE) as if they sat
+        `lookahead` lines further down, in the same column, never past `last_position` (the
+        last image token's model position). None: measure in place.
+        """
+        ahead = self.config.lookahead if self.score_mode == "line" else 0
+        if ahead == 0:
+            return None
+        width = self.layout.width
+        lines_left = torch.div(last_position - positions, width, rounding_mode="floor")
+        return positions + lines_left.clamp(min=0, max=ahead) * width
 
     @property
     def score_mode(self) -> str | None:

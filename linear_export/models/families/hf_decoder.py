@@ -63,7 +63,8 @@ class HFDecoderStep(nn.Module):
     def code_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _attention(self, attn: nn.Module, x: torch.Tensor, cos, sin, past_key, past_value, live):
+    def _attention(self, attn: nn.Module, x: torch.Tensor, cos, sin, past_key, past_value, live,
+                   score_cos_sin=None):
         batch, steps, _ = x.shape
         heads, kv_heads, dim = self.config.n_head, self.config.kv_heads, self.config.head_dim
         q = attn.q_proj(x).view(batch, steps, heads, dim)
@@ -72,10 +73,15 @@ class HFDecoderStep(nn.Module):
         if hasattr(attn, "q_norm"):  # Chameleon normalises each head's q and k
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
+        score_q = None
+        if score_cos_sin is not None:
+            score_cos, score_sin = (table.unsqueeze(1) for table in score_cos_sin)
+            score_q = q * score_cos + rotate_half(q) * score_sin
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        out, mass = cached_attention(q, k, v, past_key, past_value, live, scale=dim ** -0.5)
+        out, mass = cached_attention(q, k, v, past_key, past_value, live, scale=dim ** -0.5,
+                                     score_q=score_q)
         return attn.o_proj(out), k, v, mass
 
     def step(
@@ -86,16 +92,26 @@ class HFDecoderStep(nn.Module):
         past_value: torch.Tensor,
         cache_len: torch.Tensor,
         inputs_embeds: torch.Tensor | None = None,
+        score_position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The DESIGN.md step: logits over image codes [B, K], present K/V, attn_mass."""
+        """The DESIGN.md step: logits over image codes [B, K], present K/V, attn_mass.
+
+        `score_position_ids` (default position_ids): where attn_mass's queries are rotated to.
+        """
         live = live_slots(past_key.shape[3], cache_len)
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         position_ids = position_ids.expand(h.shape[0], h.shape[1])
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, h.dtype)
+        score_cos_sin = None
+        if score_position_ids is not None:
+            score_cos_sin = rope_cos_sin(self.inv_freq,
+                                         score_position_ids.expand(h.shape[0], h.shape[1]),
+                                         h.dtype)
         keys, values, masses = [], [], []
         for index, layer in enumerate(self.layers):
             out, k, v, mass = self._attention(layer.self_attn, layer.input_layernorm(h), cos, sin,
-                                              past_key[index], past_value[index], live)
+                                              past_key[index], past_value[index], live,
+                                              score_cos_sin)
             h = h + out
             h = h + layer.mlp(layer.post_attention_layernorm(h))
             keys.append(k)

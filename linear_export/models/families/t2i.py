@@ -106,12 +106,13 @@ class T2IGPT(GPT):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.tok_embeddings(input_ids.clamp(0, self.config.vocab_size - 1))
 
-    def step(self, input_ids, position_ids, past_key, past_value, cache_len, inputs_embeds=None):
+    def step(self, input_ids, position_ids, past_key, past_value, cache_len, inputs_embeds=None,
+             score_position_ids=None):
         """As GPT.step; `inputs_embeds` are raw caption features [B, T, 2048], projected here."""
         if inputs_embeds is not None:
             inputs_embeds = self.cls_embedding.cap_proj(inputs_embeds.to(self.dtype))
         return super().step(input_ids, position_ids, past_key, past_value, cache_len,
-                            inputs_embeds=inputs_embeds)
+                            inputs_embeds=inputs_embeds, score_position_ids=score_position_ids)
 
 
 def load_caption(path: str | Path, caption_dim: int = T5_DIM) -> torch.Tensor:
