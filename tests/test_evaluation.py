@@ -8,11 +8,27 @@ import torch
 from linear_export.engines.torch import TorchEngine
 from linear_export.evaluation.metrics import frechet_distance, token_agreement
 from linear_export.evaluation.report import kept_cells_plot, markdown_table, metrics_plot
-from linear_export.evaluation.sweep import EvalSettings, EvalSubject, run_sweep
+from linear_export.evaluation.sweep import (
+    EvalSettings,
+    EvalSubject,
+    paired_standard_error,
+    run_sweep,
+)
 from linear_export.models.vq import VQ_CONFIGS, VQModel
 from linear_export.runtime.sampling import SamplingConfig
 
 from conftest import tiny_model
+
+
+def test_paired_standard_error_is_that_of_the_differences() -> None:
+    generator = np.random.default_rng(1)
+    reference = generator.normal(size=400)
+    values = reference + generator.normal(0.5, 2.0, size=400)  # differences: sd 2, n 400
+    error = paired_standard_error(torch.tensor(values), torch.tensor(reference))
+    assert abs(error - 2.0 / 20) < 0.01
+    # A shared per-image offset is no noise: pairing removes it.
+    assert paired_standard_error(torch.tensor(reference + 3), torch.tensor(reference)) < 1e-12
+    assert paired_standard_error(torch.tensor([1.0]), torch.tensor([0.0])) == 0.0
 
 
 def test_frechet_distance_closed_forms() -> None:
@@ -55,6 +71,7 @@ def test_sweep_invariants_on_a_tiny_model() -> None:
     result = run_sweep(subject, settings)
     rows = {(row.policy, row.budget): row for row in result.rows}
     assert rows[("full", "all")].agreement == 1.0 and rows[("full", "all")].nll_delta == 0
+    assert rows[("full", "all")].nll_delta_se_pct == 0
     # A whole-image budget is the full cache: same tokens, same likelihood.
     assert rows[("linear", "1.0")].agreement == 1.0
     assert abs(rows[("linear", "1.0")].nll_delta) < 1e-9

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -124,6 +125,7 @@ def test_teacher_forced_nll_matches_full_forward() -> None:
     sequence = torch.cat([prefix, truth.flatten(1)], 1)
     with torch.no_grad():
         log_probs = torch.log_softmax(model(sequence[:, :-1]), -1)
-    expected = -log_probs.gather(2, truth.flatten(1)[..., None]).mean().item()
-    assert abs(result.stats.nll_per_token - expected) < 1e-5
+    per_token = -log_probs.gather(2, truth.flatten(1)[..., None])[..., 0]
+    assert abs(result.stats.nll_per_token - per_token.mean().item()) < 1e-5
+    assert np.allclose(result.stats.nll_per_image, per_token.mean(1).tolist(), atol=1e-5)
     assert lines == [(0, 1 + 4), (1, 1 + 8), (2, 1 + 12)]

@@ -16,7 +16,9 @@ from ..models.families import FAMILIES
 from ..outputs import check_writable, json_bytes, write_directory
 from ..runtime.policies import POLICIES, PolicyConfig
 from ..runtime.sampling import SamplingConfig
+from .generate import DEMO_CFG_SCALE
 
+FAMILY_CFG_SCALE = 3.0
 QUICK = {"samples_per_class": 1, "heldout": 5, "real": 20, "budgets": ("1/1", "1/4"),
          "policies": ("full", "linear")}
 
@@ -81,7 +83,10 @@ def split_list(text: str) -> tuple[str, ...]:
 @click.option("--real", type=int, default=500, show_default=True,
               help="Real images for the Fréchet reference.")
 @click.option("--batch-size", type=int, default=50, show_default=True)
-@click.option("--cfg-scale", type=float, default=3.0, show_default=True)
+@click.option("--cfg-scale", type=float, default=None,
+              help=f"Guidance for generated samples [default: {DEMO_CFG_SCALE} for the demo "
+                   f"model, whose accuracy guidance lowers; {FAMILY_CFG_SCALE} for --family]. "
+                   "The NLL is always unguided.")
 @click.option("--top-k", type=int, default=0, show_default=True)
 @click.option("--temperature", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -142,6 +147,8 @@ def eval_command(policies, budgets, samples_per_class, heldout, real, batch_size
         if value < 1 or (name == "--real" and value < 4):
             raise UserError(f"{name} {value} is too small; give at least "
                             f"{4 if name == '--real' else 1}.")
+    if cfg_scale is None:
+        cfg_scale = DEMO_CFG_SCALE if family == "demo" else FAMILY_CFG_SCALE
     settings = EvalSettings(
         policies=split_list(policies), budgets=split_list(budgets),
         samples_per_class=samples_per_class, batch_size=batch_size, seed=seed,

@@ -34,12 +34,14 @@ def markdown_table(result: EvalResult) -> str:
         fd = "–" if row.frechet is None else f"{row.frechet:.2f} ± {row.frechet_noise:.2f}"
         lines.append(
             f"| {row.policy} | {row.budget} | {row.budget_tokens} | {row.capacity} | "
-            f"{cell(row.nll, 4)} | {row.nll_delta_pct:+.2f} | {cell(row.agreement)} | "
+            f"{cell(row.nll, 4)} | {row.nll_delta_pct:+.2f} ± {row.nll_delta_se_pct:.2f} | "
+            f"{cell(row.agreement)} | "
             f"{cell(row.accuracy)} | {fd} |"
         )
     if result.real_frechet_floor is not None:
         lines.append(f"\nFD between two halves of the real images (sample-size floor): "
                      f"{result.real_frechet_floor:.2f}")
+    lines.append("ΔNLL ± its standard error, paired over the held-out images.")
     return "\n".join(lines) + "\n"
 
 

@@ -63,6 +63,7 @@ class EvalRow:
     nll: float
     nll_delta: float  # vs full
     nll_delta_pct: float
+    nll_delta_se_pct: float  # standard error of nll_delta_pct, paired over held-out images
     agreement: float  # token agreement with full, same seed
     accuracy: float | None
     frechet: float | None
@@ -122,6 +123,7 @@ def run_sweep(subject: EvalSubject, settings: EvalSettings, progress: bool = Fal
                                  for budget in settings.budgets]
     stages = sorted({max(0, round(layout.height * share) - 1) for share in (0.25, 0.5, 0.9)})
     rows, samples, kept_cells, full_tokens, full_nll = [], {}, {}, None, None
+    full_per_image = None
     heldout = (subject.heldout_tokens, subject.heldout_labels)
     for name, budget in tqdm(configs, desc="eval", disable=not progress):
         tokens_budget = None if name == "full" else parse_budget(budget, layout)
@@ -134,11 +136,12 @@ def run_sweep(subject: EvalSubject, settings: EvalSettings, progress: bool = Fal
         # Kept-cell maps assume one prefix length (class-conditional models).
         picture = class_conditional and name == "linear" and budget == "1/4"
         hook = KeptCells(layout, stages) if picture else None
-        nll = teacher_forced_nll(engine, *heldout, policy, settings, hook)
+        per_image = teacher_forced_nll(engine, *heldout, policy, settings, hook)
+        nll = per_image.mean().item()
         if hook is not None:
             kept_cells = hook.maps
         if full_tokens is None:
-            full_tokens, full_nll = tokens, nll
+            full_tokens, full_nll, full_per_image = tokens, nll, per_image
         row_accuracy = frechet = noise = None
         if subject.decode is not None:
             images = decode_batches(subject.decode, tokens, settings.batch_size)
@@ -153,6 +156,7 @@ def run_sweep(subject: EvalSubject, settings: EvalSettings, progress: bool = Fal
             policy=name, budget="all" if name == "full" else budget,
             budget_tokens=policy.budget, capacity=policy.capacity, nll=nll,
             nll_delta=nll - full_nll, nll_delta_pct=100 * (nll - full_nll) / full_nll,
+            nll_delta_se_pct=100 * paired_standard_error(per_image, full_per_image) / full_nll,
             agreement=token_agreement(tokens, full_tokens), accuracy=row_accuracy,
             frechet=frechet, frechet_noise=noise, seconds=time.perf_counter() - started,
         ))
@@ -171,16 +175,24 @@ def generate_all(engine: Engine, conditions: list, policy: Policy,
 
 
 def teacher_forced_nll(engine: Engine, heldout_tokens: torch.Tensor, heldout_conditions: Sequence,
-                       policy: Policy, settings: EvalSettings, hook: KeptCells | None) -> float:
-    """Mean NLL per token of held-out token grids fed through the policy's cache (no CFG)."""
+                       policy: Policy, settings: EvalSettings,
+                       hook: KeptCells | None) -> torch.Tensor:
+    """NLL per token of each held-out token grid fed through the policy's cache (no CFG)."""
     no_guidance = SamplingConfig(cfg_scale=1.0, temperature=1.0, top_k=0)
-    total, count = 0.0, 0
+    per_image = []
     for start in range(0, len(heldout_conditions), settings.batch_size):
         labels = list(heldout_conditions[start:start + settings.batch_size])
         truth = heldout_tokens[start:start + settings.batch_size]
         result = generate(engine, labels, policy, no_guidance,
                           seed=settings.seed, teacher_tokens=truth,
                           on_line_end=hook if start == 0 else None)
-        total += result.stats.nll_per_token * len(labels)
-        count += len(labels)
-    return total / count
+        per_image += result.stats.nll_per_image
+    return torch.tensor(per_image, dtype=torch.float64)
+
+
+def paired_standard_error(values: torch.Tensor, reference: torch.Tensor) -> float:
+    """Standard error of mean(values - reference), the images being the pairs (0 for one)."""
+    differences = values - reference
+    if len(differences) < 2:
+        return 0.0
+    return (differences.std() / len(differences) ** 0.5).item()

@@ -30,6 +30,7 @@ class GenerationStats:
     full_kv_bytes: int  # the same batch with the full cache (capacity P + N)
     peak_cache_len: int
     nll_per_token: float | None = None  # teacher-forced runs: mean -log p(true token)
+    nll_per_image: list[float] | None = None  # the same mean, per image
 
     @property
     def images_per_s(self) -> float:
@@ -125,7 +126,7 @@ def generate(
     tokens = torch.zeros(batch, layout.image_tokens, dtype=torch.long, device=device)
     group_size = config.n_head // config.kv_heads
     evictions = 0
-    nll_sum = torch.zeros((), dtype=torch.float64, device=device)  # read once, at the end
+    nll_sums = torch.zeros(batch, dtype=torch.float64, device=device)  # read once, at the end
     if teacher_tokens is not None:
         teacher_tokens = teacher_tokens.reshape(batch, layout.image_tokens).to(device)
     single = len(streams) == 1 and streams[0].group.rows == list(range(rows))
@@ -193,7 +194,7 @@ def generate(
             if teacher_tokens is not None:
                 next_token = teacher_tokens[:, code_index]
                 log_probs = torch.log_softmax(guided.float(), dim=-1)
-                nll_sum -= log_probs.gather(1, next_token[:, None]).sum().double()
+                nll_sums -= log_probs.gather(1, next_token[:, None])[:, 0].double()
             feed = family.feed_ids(next_token)
         else:
             feed = torch.full((batch,), forced, dtype=torch.long, device=device)
@@ -218,7 +219,8 @@ def generate(
         kv_bytes=sum(stream.cache.nbytes for stream in streams),
         full_kv_bytes=full_bytes,
         peak_cache_len=max(stream.cache.peak_len for stream in streams),
-        nll_per_token=None if teacher_tokens is None
-        else nll_sum.item() / (batch * layout.image_tokens),
     )
+    if teacher_tokens is not None:
+        per_image = (nll_sums / layout.image_tokens).tolist()
+        stats.nll_per_token, stats.nll_per_image = sum(per_image) / batch, per_image
     return GenerationResult(tokens.view(batch, layout.height, layout.width).cpu(), stats)
