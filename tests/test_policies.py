@@ -118,6 +118,24 @@ def test_impossible_configurations(config: PolicyConfig, match: str) -> None:
         Policy(config, LAYOUT)
 
 
+def test_linear_recent_lines_default_to_one_then_half_the_budget() -> None:
+    layout = SequenceLayout(prefix=1, height=16, width=4)
+    chosen = {lines: Policy(PolicyConfig("linear", budget=lines * 4), layout).recent_lines
+              for lines in (2, 3, 4, 5, 6, 8, 10)}
+    assert chosen == {2: 1, 3: 1, 4: 1, 5: 2, 6: 3, 8: 4, 10: 5}
+    assert Policy(PolicyConfig("linear", budget=3), layout).recent_lines == 0  # under a line
+    assert Policy(PolicyConfig("linear", budget=32, recent_lines=1), layout).recent_lines == 1
+    # What select() keeps follows: with 8 lines' budget the 4 newest lines are all there.
+    policy = Policy(PolicyConfig("linear", budget=32), layout)
+    count = layout.prefix + 10 * layout.width
+    positions = torch.arange(count).expand(1, 1, 2, count)
+    scores = torch.rand(1, 1, 2, count)
+    scores[..., -16:] = 0  # the newest 4 lines look useless to the scores
+    keep = positions.gather(-1, policy.select(positions, scores, finished_line=9, cfg=False))
+    newest = torch.arange(count - 16, count)
+    assert all(bool(torch.isin(newest, row).all()) for row in keep.flatten(0, 2))
+
+
 def test_linear_lookahead_moves_scoring_queries_down_whole_lines_within_the_image() -> None:
     layout = LAYOUT  # 6 lines of 4 after a prefix of 2: the last image position is 25
     last = layout.prefix + layout.image_tokens - 1

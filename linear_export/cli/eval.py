@@ -17,6 +17,7 @@ from ..outputs import check_writable, json_bytes, write_directory
 from ..runtime.policies import POLICIES, PolicyConfig
 from ..runtime.sampling import SamplingConfig
 from .generate import DEMO_CFG_SCALE
+from .options import RECENT_LINES_HELP
 
 FAMILY_CFG_SCALE = 3.0
 QUICK = {"samples_per_class": 1, "heldout": 5, "real": 20, "budgets": ("1/1", "1/4"),
@@ -90,7 +91,7 @@ def split_list(text: str) -> tuple[str, ...]:
 @click.option("--top-k", type=int, default=0, show_default=True)
 @click.option("--temperature", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--recent-lines", type=int, default=PolicyConfig.recent_lines, show_default=True)
+@click.option("--recent-lines", type=int, default=None, help=RECENT_LINES_HELP)
 @click.option("--anchor", type=int, default=PolicyConfig.anchor, show_default=True)
 @click.option("--granularity", type=click.Choice(["head", "layer"]),
               default=PolicyConfig.granularity, show_default=True)

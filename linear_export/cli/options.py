@@ -37,13 +37,15 @@ model_options = compose(
     click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda."),
 )
 
+RECENT_LINES_HELP = ("linear: newest whole lines always kept [default: 1 up to a 4-line budget, "
+                     "half the budget's lines above that].")
+
 policy_options = compose(
     click.option("--policy", default="linear", show_default=True,
                  help=f"KV cache policy: {', '.join(POLICIES)}."),
     click.option("--budget", default="1/4", show_default=True,
                  help=f"Cache budget: {BUDGET_HELP}."),
-    click.option("--recent-lines", type=int, default=PolicyConfig.recent_lines, show_default=True,
-                 help="linear: newest whole lines always kept."),
+    click.option("--recent-lines", type=int, default=None, help=RECENT_LINES_HELP),
     click.option("--anchor", type=int, default=PolicyConfig.anchor, show_default=True,
                  help="linear: first image tokens always kept."),
     click.option("--granularity", type=click.Choice(["head", "layer"]),
