@@ -35,6 +35,24 @@ def test_t2i_generates_token_grids_from_caption_features(tmp_path) -> None:
     assert tokens.shape == (1, 4, 4) and tokens.max() < 64
 
 
+def test_t2i_artifact_builds_verifies_and_generates_the_torch_tokens(tmp_path) -> None:
+    artifact = tmp_path / "t2i"
+    built = run("build", "--family", "llamagen-t2i", "--model", "GPT-tiny", "--image-size", "16",
+                "--random-weights", "--budget", "2lines", "--out", str(artifact))
+    assert built.exit_code == 0, built.output
+    verified = run("verify", str(artifact))
+    assert verified.exit_code == 0 and "PASS" in verified.output, verified.output
+    np.save(tmp_path / "a.npy", np.random.default_rng(1).normal(size=(9, 2048)).astype("f4"))
+    common = ["--caption-features", str(tmp_path / "a.npy"), "--cfg-scale", "4",
+              "--temperature", "0"]
+    torch_run = run(*T2I, *common, "--save-tokens", str(tmp_path / "torch.npy"))
+    ort_run = run("generate", "--family", "llamagen-t2i", "--engine", "ort", "--artifact",
+                  str(artifact), "--budget", "2lines", *common,
+                  "--save-tokens", str(tmp_path / "ort.npy"))
+    assert torch_run.exit_code == 0 and ort_run.exit_code == 0, ort_run.output
+    assert np.array_equal(np.load(tmp_path / "torch.npy"), np.load(tmp_path / "ort.npy"))
+
+
 def test_t2i_without_caption_features_is_exit_2() -> None:
     result = run(*T2I)
     assert result.exit_code == 2

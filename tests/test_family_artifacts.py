@@ -96,7 +96,7 @@ def test_artifact_of_another_family_is_exit_2(artifacts) -> None:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--family", "llamagen-t2i", "--random-weights"], "not built yet"),
+    (["--family", "llamagen-t2i"], "a LlamaGen t2i GPT"),
     (["--family", "janus"], "needs --checkpoint DIR"),
 ])
 def test_unbuildable_family_options_are_exit_2(tmp_path, args, message) -> None:

@@ -7,8 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from linear_export.engines.ort import OrtEngine, fit_policy
 from linear_export.engines.torch import TorchEngine
 from linear_export.errors import UserError
+from linear_export.export.artifact import build_artifact, load_artifact, reference_model
+from linear_export.export.compare import compare_engines, format_report
 from linear_export.models.configs import GPTConfig, SequenceLayout
 from linear_export.models.families.t2i import T2IGPT, load_caption
 from linear_export.models.gpt import init_weights
@@ -90,3 +93,44 @@ def test_load_caption_applies_the_mask_and_reports_missing_files(tmp_path):
     np.save(tmp_path / "bad.npy", np.zeros((3, 7), dtype=np.float32))
     with pytest.raises(UserError, match="2048-d"):
         load_caption(tmp_path / "bad.npy")
+
+
+@pytest.fixture(scope="module")
+def artifact(model, tmp_path_factory):
+    """The tiny t2i model as an artifact: step graphs, the features prefill, the uncond rows."""
+    policy = Policy(PolicyConfig(name="linear", budget=3), LAYOUT)
+    out = tmp_path_factory.mktemp("t2i") / "artifact"
+    build_artifact(model, out, model_name="t2i-tiny", image_size=12, capacity=policy.capacity,
+                   weights={"source": "random", "seed": 3, "std": 0.1},
+                   build_options={"policy": "linear"}, max_batch=4, with_noscores=True)
+    return out
+
+
+def test_artifact_holds_the_features_prefill_and_the_uncond_embedding(model, artifact):
+    loaded = load_artifact(artifact)
+    assert loaded.prefill_embeds_path is not None
+    inputs = loaded.manifest["io"]["prefill_embeds.onnx"]["inputs"]
+    assert inputs[0]["name"] == "inputs_embeds" and inputs[0]["shape"][2] == CAPTION_DIM
+    family = loaded.family
+    assert family.name == "llamagen-t2i" and family.caption_dim == CAPTION_DIM
+    torch.testing.assert_close(family.uncond, model.cls_embedding.uncond_embedding)
+    rebuilt = reference_model(loaded)
+    assert isinstance(rebuilt, T2IGPT) and rebuilt.caption_dim == CAPTION_DIM
+
+
+def test_ort_artifact_generates_the_torch_tokens_with_guidance(model, artifact):
+    engine = OrtEngine(artifact)
+    generator = torch.Generator().manual_seed(8)
+    captions = [torch.randn(5, CAPTION_DIM, generator=generator),
+                torch.randn(8, CAPTION_DIM, generator=generator)]
+    policy = Policy(PolicyConfig(name="linear", budget=3), LAYOUT)  # one line of budget
+    sampling = SamplingConfig(cfg_scale=3.0, temperature=0, top_k=0)  # uncond rows included
+    want = generate(TorchEngine(model), captions, policy, sampling)
+    got = generate(engine, captions, fit_policy(policy, engine.capacity), sampling)
+    assert torch.equal(got.tokens, want.tokens)
+    assert want.stats.evictions == 1  # after line 1: two lines held, one line of budget
+    # Step by step, the features prefill included, every output within fp32 tolerance.
+    report = compare_engines(TorchEngine(model), engine, fit_policy(policy, engine.capacity),
+                             captions, cfg_scale=3.0, dtype_name="fp32")
+    assert report.passed, format_report(report)
+    assert report.outputs["logits"].steps == report.steps == LAYOUT.image_tokens * 2

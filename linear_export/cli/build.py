@@ -50,12 +50,9 @@ def build_from_options(
 ):
     """Validate, load the weights, export: shared by `build` and `generate --engine ort`."""
     check_family(family, checkpoint)
-    if family == "llamagen-t2i":
-        raise UserError("Artifacts for --family llamagen-t2i are not built yet (its prefill "
-                        "takes caption embeddings, which the step graph has no input for); run "
-                        "generate --family llamagen-t2i --engine torch.")
-    if family == "llamagen" and checkpoint is None and not random_weights:
-        raise UserError("No weights given; pass --checkpoint PATH (a LlamaGen c2i GPT) or "
+    if family in ("llamagen", "llamagen-t2i") and checkpoint is None and not random_weights:
+        kind = "c2i" if family == "llamagen" else "t2i"
+        raise UserError(f"No weights given; pass --checkpoint PATH (a LlamaGen {kind} GPT) or "
                         "--random-weights.")
     if family in HF_FAMILIES and checkpoint is None:
         raise UserError(f"--family {family} needs --checkpoint DIR, a local Hugging Face model "
@@ -120,8 +117,8 @@ def build_from_options(
               help="LlamaGen GPT checkpoint (.pt or .safetensors; omit with --random-weights), "
                    "or for janus/lumina a local Hugging Face model directory.")
 @click.option("--family", default="llamagen", show_default=True,
-              help=f"Model family: {', '.join(f for f in FAMILIES if f != 'llamagen-t2i')} "
-                   "(llamagen-t2i runs on the torch engine only).")
+              help=f"Model family: {', '.join(FAMILIES)}. llamagen-t2i artifacts add a "
+                   "prefill graph that takes caption features, and the uncond embedding.")
 @click.option("--max-prompt-tokens", type=int, default=128, show_default=True,
               help="janus/lumina: the prefix capacity (prompt tokens per row).")
 @click.option("--random-weights", is_flag=True,

@@ -59,7 +59,8 @@ def family_subject(family: str, checkpoint: str | None, model_name: str, image_s
                             image_size=image_size, seed=seed,
                             max_prompt_tokens=max_prompt_tokens)
     if prompts or caption_features:
-        given = conditions_for(family, model, checkpoint, prompts, caption_features, image_size)
+        given = conditions_for(family, model.family, checkpoint, prompts, caption_features,
+                               image_size)
     else:
         click.echo(f"note: no --prompt given; evaluating on 4 seeded stand-in {family} "
                    "conditions.", err=True)

@@ -38,9 +38,9 @@ def artifact_engine(family: str, engine_name: str, artifact_dir: Path | None, de
     return make_engine(engine_name, artifact=artifact, device=device)
 
 
-def conditions_for(family: str, model, checkpoint: str | None, prompts: tuple[str, ...],
+def conditions_for(family: str, adapter, checkpoint: str | None, prompts: tuple[str, ...],
                    caption_features: tuple[str, ...], image_size: int) -> list:
-    """What the family's adapter takes: caption features (t2i) or prompt token ids."""
+    """What the family's adapter (engine.family) takes: caption features or prompt token ids."""
     if family == "llamagen-t2i":
         from ..models.families.t2i import load_caption
 
@@ -48,7 +48,7 @@ def conditions_for(family: str, model, checkpoint: str | None, prompts: tuple[st
             raise UserError("--family llamagen-t2i needs T5 caption features; pass "
                             "--caption-features FILE (.npy or .safetensors, [tokens, 2048]) "
                             "per prompt.")
-        return [load_caption(path, model.caption_dim) for path in caption_features]
+        return [load_caption(path, adapter.caption_dim) for path in caption_features]
     if not prompts:
         raise UserError(f"--family {family} needs at least one --prompt TEXT.")
     from transformers import AutoTokenizer
@@ -85,7 +85,7 @@ def generate_family(*, family: str, checkpoint: str | None, random_weights: bool
                                 image_size=image_size, dtype=dtype, device=device, seed=seed,
                                 max_prompt_tokens=max_prompt_tokens)
         engine = make_engine("torch", model)
-    conditions = conditions_for(family, model, checkpoint, prompts, caption_features,
+    conditions = conditions_for(family, engine.family, checkpoint, prompts, caption_features,
                                 image_size)
     total = num_images or len(conditions)
     conditions = [conditions[i % len(conditions)] for i in range(total)]

@@ -87,6 +87,9 @@ class OrtEngine:
         self.sessions = {True: self._session(self.artifact.step_path)}
         if self.artifact.noscores_path is not None:
             self.sessions[False] = self._session(self.artifact.noscores_path)
+        self.prefill_embeds = None  # a feature prefix's prefill (llamagen-t2i)
+        if self.artifact.prefill_embeds_path is not None:
+            self.prefill_embeds = self._session(self.artifact.prefill_embeds_path)
         if self.device.type == "cuda" and any("CUDAExecutionProvider" not in s.get_providers()
                                               for s in self.sessions.values()):
             # ONNX Runtime falls back to the CPU silently when the CUDA libraries fail to load.
@@ -195,13 +198,16 @@ class OrtEngine:
         pointers = (cache.key.data_ptr(), cache.value.data_ptr())
         if bound.cache_pointers == pointers:
             return
+        self._bind_cache_inputs(bound.binding, cache)
+        bound.cache_pointers = pointers
+
+    def _bind_cache_inputs(self, binding: ort.IOBinding, cache: KVCache) -> None:
         for name, tensor in (("past_key", cache.key), ("past_value", cache.value)):
             if self.artifact.split_cache:  # each layer's slice of the same storage
                 for layer in range(self.config.n_layer):
-                    self._bind(bound.binding.bind_input, layer_input(name, layer), tensor[layer])
+                    self._bind(binding.bind_input, layer_input(name, layer), tensor[layer])
             else:
-                self._bind(bound.binding.bind_input, name, tensor)
-        bound.cache_pointers = pointers
+                self._bind(binding.bind_input, name, tensor)
 
     def step(
         self,
@@ -210,10 +216,17 @@ class OrtEngine:
         cache: KVCache,
         need_scores: bool = True,
         score_position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> StepOutput:
-        """One step; the returned tensors are overwritten by the next call with the same shape."""
+        """One step; the returned tensors are overwritten by the next call with the same shape.
+
+        `inputs_embeds` [B, T, E]: a prefix of features (llamagen-t2i captions), run through
+        the artifact's embeddings prefill; it reports no attn_mass (the cache is empty then).
+        """
         batch, steps = input_ids.shape
         check_bound_cache(self, cache, batch, "the artifact's --max-batch")
+        if inputs_embeds is not None:
+            return self._prefill_embeds(inputs_embeds, position_ids, cache)
         with_scores = need_scores or not self.has_noscores()
         bound = self._binding(with_scores, batch, steps)
         # Only the tiny inputs are copied, into buffers bound once; nothing is allocated.
@@ -226,6 +239,32 @@ class OrtEngine:
         self._bind_cache(bound, cache)
         self.sessions[with_scores].run_with_iobinding(bound.binding)
         return without_scores(bound.out, need_scores)
+
+
+    def _prefill_embeds(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
+                        cache: KVCache) -> StepOutput:
+        """Once per generation, so bound afresh each time; outputs are new tensors."""
+        if self.prefill_embeds is None:
+            raise UserError(f"Artifact '{self.artifact.path}' has no embeddings prefill, so it "
+                            "cannot take caption features; build it with --family llamagen-t2i.")
+        config, dev = self.config, self.device
+        batch, steps = inputs_embeds.shape[:2]
+        present = (config.n_layer, batch, config.kv_heads, steps, config.head_dim)
+        out = StepOutput(torch.empty(batch, config.vocab_size, dtype=torch.float32, device=dev),
+                         torch.empty(present, dtype=self.dtype, device=dev),
+                         torch.empty(present, dtype=self.dtype, device=dev), None)
+        embeds = inputs_embeds.to(dev, torch.float32).contiguous()
+        positions = position_ids.to(dev).expand(batch, steps).contiguous()
+        self._cache_len.fill_(cache.cache_len)
+        binding = self.prefill_embeds.io_binding()
+        for name, tensor in (("inputs_embeds", embeds), ("position_ids", positions),
+                             ("cache_len", self._cache_len)):
+            self._bind(binding.bind_input, name, tensor)
+        for name in ("logits", "present_key", "present_value"):
+            self._bind(binding.bind_output, name, getattr(out, name))
+        self._bind_cache_inputs(binding, cache)
+        self.prefill_embeds.run_with_iobinding(binding)
+        return out
 
 
 class FixedCapacityPolicy(Policy):

@@ -74,6 +74,10 @@ class TrtEngine:
                             "--device cuda.")
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
+        if self.artifact.prefill_embeds_path is not None:
+            raise UserError(f"Artifact '{self.artifact.path}' ({self.artifact.family_name}) "
+                            "prefills caption features, which the TensorRT engine does not run "
+                            "yet; use --engine ort.")
         record = self.artifact.manifest.get("tensorrt")
         check_plan_compatible(record, trt.__version__,
                               torch.cuda.get_device_name(self.device), str(self.artifact.path))

@@ -53,8 +53,11 @@ def figure_bytes(figure) -> bytes:
 
 
 def metrics_plot(result: EvalResult) -> bytes:
-    """One panel per metric, budget share on x, one line per policy, full as a dashed line."""
-    figure, axes = plt.subplots(2, 2, figsize=(10, 7))
+    """One panel per metric, budget share on x, one line per policy, full as a dashed line.
+
+    ΔNLL carries its paired standard error as error bars.
+    """
+    figure, axes = plt.subplots(2, 2, figsize=(10, 7), layout="constrained")
     full = next(row for row in result.rows if row.policy == "full")
     for axis, (key, title) in zip(axes.flat, METRICS, strict=True):
         if getattr(full, key) is None:
@@ -62,9 +65,11 @@ def metrics_plot(result: EvalResult) -> bytes:
             continue
         for policy in dict.fromkeys(row.policy for row in result.rows if row.policy != "full"):
             # Budgets may be given as shares, token counts or lines: plot the share.
-            points = sorted((row.budget_tokens / full.budget_tokens, getattr(row, key))
+            points = sorted((row.budget_tokens / full.budget_tokens, getattr(row, key),
+                             row.nll_delta_se_pct if key == "nll_delta_pct" else 0.0)
                             for row in result.rows if row.policy == policy)
-            axis.plot(*zip(*points, strict=True), marker="o", label=policy)
+            shares, values, errors = zip(*points, strict=True)
+            axis.errorbar(shares, values, yerr=errors, marker="o", capsize=3, label=policy)
         axis.axhline(getattr(full, key), color="black", linestyle="--", label="full")
         axis.set_xscale("log", base=2)
         axis.set_xlabel("budget (share of the image)")

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -23,7 +23,12 @@ from ..models.checkpoint import load_into, read_state_dict
 from ..models.families import Family, family_from_json, load_hf_step
 from ..models.families.llamagen import LlamaGenC2I
 from ..models.gpt import GPT, init_weights
-from .onnx_step import DEFAULT_OPSET, export_noscores_sharing, export_step
+from .onnx_step import (
+    DEFAULT_OPSET,
+    export_embeds_prefill_sharing,
+    export_noscores_sharing,
+    export_step,
+)
 
 SCHEMA_VERSION = 2  # 2: the scored step takes score_position_ids
 MANIFEST = "manifest.json"
@@ -31,6 +36,8 @@ STEP = "step.onnx"
 STEP_DATA = "step.onnx.data"
 STEP_NOSCORES = "step_noscores.onnx"
 VQ_DECODER = "vq_decoder.onnx"
+PREFILL_EMBEDS = "prefill_embeds.onnx"  # families whose prefix is features (llamagen-t2i)
+UNCOND = "uncond.safetensors"  # llamagen-t2i: the learned uncond caption embedding, for CFG
 REBUILD = "rebuild with linear-export build --force"
 # ONNX Runtime's CPU provider has no bfloat16 kernels for these graphs.
 ARTIFACT_DTYPES = ("fp32", "fp16")
@@ -82,7 +89,12 @@ class Artifact:
         record = self.manifest["model"].get("adapter")
         if record is None:
             return LlamaGenC2I.for_model(self.config, self.layout)
-        return family_from_json(record)
+        family = family_from_json(record)
+        if UNCOND in self.manifest["files"]:
+            from safetensors.torch import load_file
+
+            family = replace(family, uncond=load_file(self.path / UNCOND)["uncond_embedding"])
+        return family
 
     @property
     def family_name(self) -> str:
@@ -116,6 +128,10 @@ class Artifact:
     @property
     def noscores_path(self) -> Path | None:
         return self.path / STEP_NOSCORES if STEP_NOSCORES in self.manifest["files"] else None
+
+    @property
+    def prefill_embeds_path(self) -> Path | None:
+        return self.path / PREFILL_EMBEDS if PREFILL_EMBEDS in self.manifest["files"] else None
 
     def file_sha256(self, name: str) -> str:
         return self.manifest["files"][name]["sha256"]
@@ -177,6 +193,18 @@ def build_artifact(
                                                       split_cache=split_cache)
             io[STEP_NOSCORES] = {"inputs": [s.to_json() for s in inputs],
                                  "outputs": [s.to_json() for s in outputs]}
+        caption_dim = getattr(model, "caption_dim", None)
+        if caption_dim is not None:  # a feature prefix: its own prefill graph, and CFG's uncond
+            from safetensors.torch import save_file
+
+            log(f"exporting {PREFILL_EMBEDS} (sharing {STEP_DATA})")
+            inputs, outputs = export_embeds_prefill_sharing(
+                model, staging, staging / STEP, embed_dim=caption_dim, capacity=capacity,
+                max_batch=max_batch, opset=opset, name=PREFILL_EMBEDS, split_cache=split_cache)
+            io[PREFILL_EMBEDS] = {"inputs": [s.to_json() for s in inputs],
+                                  "outputs": [s.to_json() for s in outputs]}
+            uncond = model.cls_embedding.uncond_embedding.detach().float().contiguous().cpu()
+            save_file({"uncond_embedding": uncond}, str(staging / UNCOND))
         if vq_decoder is not None:
             from .vq_onnx import export_vq_decoder
 
@@ -293,7 +321,13 @@ def reference_model(artifact: Artifact, checkpoint: str | Path | None = None) ->
     weights = artifact.manifest.get("weights", {})
     if weights.get("source") == "hf":
         return _hf_reference(artifact, weights, checkpoint)
-    model = GPT(artifact.config, artifact.layout)
+    family = artifact.family
+    if family.name == "llamagen-t2i":
+        from ..models.families.t2i import T2IGPT
+
+        model = T2IGPT(artifact.config, artifact.layout, caption_dim=family.caption_dim)
+    else:
+        model = GPT(artifact.config, artifact.layout)
     if weights.get("source") == "random":
         init_weights(model, seed=int(weights["seed"]), std=float(weights["std"]))
     elif weights.get("source") == "checkpoint" or checkpoint is not None:

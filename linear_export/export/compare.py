@@ -97,16 +97,19 @@ class LockstepEngine:
         self._candidate_logits: list[torch.Tensor] = []  # this token's calls, one per group
 
     def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache,
-             need_scores: bool = True,
-             score_position_ids: torch.Tensor | None = None) -> StepOutput:
+             need_scores: bool = True, score_position_ids: torch.Tensor | None = None,
+             **prefix) -> StepOutput:
+        """`prefix`: inputs_embeds for a feature prefix (llamagen-t2i), given to both."""
         reference = self.reference.step(input_ids, position_ids, cache, True,
-                                        score_position_ids=score_position_ids)
+                                        score_position_ids=score_position_ids, **prefix)
         candidate = self.candidate.step(input_ids, position_ids, cache, True,
-                                        score_position_ids=score_position_ids)
-        self._compare(reference, candidate, OUTPUTS, "")
+                                        score_position_ids=score_position_ids, **prefix)
+        # A feature prefill reports no attn_mass (nothing is cached yet to score).
+        names = OUTPUTS if candidate.attn_mass is not None else OUTPUTS[:3]
+        self._compare(reference, candidate, names, "")
         self._candidate_logits.append(candidate.logits.clone())  # buffers are reused
         has_noscores = getattr(self.candidate, "has_noscores", lambda: False)()
-        if not need_scores and has_noscores:
+        if not need_scores and has_noscores and not prefix:
             fast = self.candidate.step(input_ids, position_ids, cache, False)
             self._compare(reference, fast, OUTPUTS[:3], NOSCORES)
         self.steps += 1

@@ -13,7 +13,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from ..models.gpt import GPT, StepModule
+from ..models.gpt import GPT, EmbedsPrefillModule, StepModule
 from .split_cache import CACHE_INPUTS, layer_input, split_cache_inputs
 
 INPUT_NAMES = ("input_ids", "position_ids", "past_key", "past_value", "cache_len",
@@ -267,3 +267,53 @@ def export_noscores_sharing(
         shutil.rmtree(scratch, ignore_errors=True)
     onnx.checker.check_model(str(directory / name))
     return specs
+
+
+EMBEDS_INPUTS = ("inputs_embeds", "position_ids", "past_key", "past_value", "cache_len")
+
+
+def export_embeds_prefill_sharing(
+    model: GPT, directory: Path, main: Path, *, embed_dim: int, capacity: int, max_batch: int,
+    opset: int, name: str = "prefill_embeds.onnx", split_cache: bool = False,
+) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Export the prefill that takes caption features [B, T, embed_dim] instead of token ids.
+
+    Same cache inputs and K/V outputs as the step; no attn_mass (the cache is empty then).
+    Written to `directory/name`, sharing `main`'s weight file.
+    """
+    model = model.eval()
+    scratch = Path(tempfile.mkdtemp(dir=directory, prefix=".prefill."))
+    path = scratch / name
+    batch = torch.export.Dim(BATCH, min=1, max=max(2, max_batch))
+    steps = torch.export.Dim(STEPS, min=1, max=capacity)
+    dynamic_shapes = {"inputs_embeds": {0: batch, 1: steps}, "position_ids": {0: batch, 1: steps},
+                      "past_key": {1: batch}, "past_value": {1: batch}, "cache_len": None}
+    step_inputs = example_inputs(model, capacity, with_scores=False)
+    embeds = torch.zeros(*step_inputs[0].shape, embed_dim)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.onnx.export(
+                EmbedsPrefillModule(model).eval(), (embeds, *step_inputs[1:]), str(path),
+                dynamo=True, opset_version=opset, input_names=list(EMBEDS_INPUTS),
+                output_names=list(OUTPUT_NAMES[:3]), dynamic_shapes=dynamic_shapes,
+                external_data=True, verbose=False,
+            )
+        if split_cache:
+            split_cache_inputs(path, model.config.n_layer)
+        onnx.checker.check_model(str(path))
+        proto = onnx.load(str(path), load_external_data=False)
+        inputs = [_spec(value) for value in proto.graph.input]
+        outputs = [_spec(value) for value in proto.graph.output]
+        if inputs[0].name != "inputs_embeds" or inputs[0].shape[2:] != (embed_dim,) \
+                or [spec.name for spec in outputs] != list(OUTPUT_NAMES[:3]):
+            raise RuntimeError(f"{name}: exported IO {[spec.to_json() for spec in inputs]} is "
+                               "not the embeddings prefill's")
+        _check_no_cache_sized_values(proto, model.config.n_layer, capacity, name)
+        share_external_data(path, main)
+        os.replace(path, directory / name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    onnx.checker.check_model(str(directory / name))
+    return inputs, outputs

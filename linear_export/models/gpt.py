@@ -221,6 +221,23 @@ class StepModule(nn.Module):
         return logits, present_key, present_value
 
 
+class EmbedsPrefillModule(nn.Module):
+    """The prefill of a prefix that is no token (caption features): the graph to export.
+
+    Takes `inputs_embeds` [B, T, E] in place of input_ids; no attn_mass (the cache is empty
+    at prefill, so there is nothing to score).
+    """
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs_embeds, position_ids, past_key, past_value, cache_len):
+        logits, present_key, present_value, _ = self.model.step(
+            None, position_ids, past_key, past_value, cache_len, inputs_embeds=inputs_embeds)
+        return logits, present_key, present_value
+
+
 def init_weights(model: GPT, seed: int = 0, std: float = 0.02) -> GPT:
     """Deterministic random weights (normal std 0.02, norms at 1), for tests and benchmarks."""
     generator = torch.Generator().manual_seed(seed)

@@ -378,6 +378,9 @@ def prepare_artifacts(config: BenchConfig, log: Callable[[str], None]) -> Iterat
     else:
         weights = {"source": "checkpoint", "path": str(Path(config.checkpoint).resolve()),
                    "sha256": sha256_file(Path(config.checkpoint))}
+    variants = ["step.onnx", "step_noscores.onnx"]  # as the manifest lists them, sorted
+    if config.family == "llamagen-t2i":
+        variants.insert(0, "prefill_embeds.onnx")
     rows = (2 if config.cfg_scale > 1 else 1) * max(*config.batch_sizes, *config.fit_batches)
     # The max-batch search may go far above the measured batches: a generous profile.
     max_rows = 4096 if config.memory_limit is not None else max(64, rows)
@@ -395,7 +398,7 @@ def prepare_artifacts(config: BenchConfig, log: Callable[[str], None]) -> Iterat
             path = work / f"{config.model}-{config.image_size}px-{config.dtype}-c{capacity}"
             wanted = {"model": config.model, "image_size": config.image_size,
                       "dtype": config.dtype, "capacity": capacity, "weights": weights,
-                      "variants": ["step.onnx", "step_noscores.onnx"], "max_batch": max_rows,
+                      "variants": variants, "max_batch": max_rows,
                       "cache_inputs": CACHE_LAYOUTS[True], "tensorrt": "tensorrt" in engines}
             if str(path) not in paths.values() and not _reusable(path, wanted):
                 log(f"building an artifact with {capacity} cache slots for {spec} in {path}")

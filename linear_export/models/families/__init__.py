@@ -49,8 +49,10 @@ def family_from_json(record: dict) -> Family:
     from .janus import JanusFamily
     from .llamagen import LlamaGenC2I
     from .lumina import LuminaFamily
+    from .t2i import LlamaGenT2IFamily
 
-    kinds = {kind.__name__: kind for kind in (LlamaGenC2I, JanusFamily, LuminaFamily)}
+    kinds = {kind.__name__: kind
+             for kind in (LlamaGenC2I, JanusFamily, LuminaFamily, LlamaGenT2IFamily)}
     fields = dict(record)
     kind = kinds.get(fields.pop("kind", None))
     if kind is None:
