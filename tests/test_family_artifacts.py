@@ -85,6 +85,16 @@ def test_ort_artifact_generates_the_torch_engine_tokens(artifacts, model_dirs, f
     np.testing.assert_array_equal(got, expected)
 
 
+def test_janus_out_writes_decoded_images(artifacts, tmp_path) -> None:
+    out = tmp_path / "samples"
+    result = run("generate", "--family", "janus", "--engine", "ort", "--artifact",
+                 artifacts["janus"], *PROMPT, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "images and token grids" in result.output
+    names = sorted(path.name for path in out.iterdir())
+    assert names == ["0000_seed0.png", "0001_seed0.png", "grid.png", "stats.json", "tokens.npy"]
+
+
 def test_artifact_of_another_family_is_exit_2(artifacts) -> None:
     result = run("generate", "--family", "lumina", "--engine", "ort", "--artifact",
                  artifacts["janus"], *PROMPT)

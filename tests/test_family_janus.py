@@ -102,3 +102,19 @@ def test_exported_graph_matches_pytorch_step_by_step(pair, tmp_path):
     assert lockstep.token_mismatches == 0
     failed = {name: stats for name, stats in lockstep.stats.items() if not stats.passed}
     assert not failed, failed
+
+
+def test_vq_decoder_read_alone_matches_the_library_decode(tmp_path):
+    from linear_export.models.families.janus import load_janus_decoder
+
+    hf = tiny_janus(seed=2)
+    hf.save_pretrained(tmp_path / "janus")
+    decode = load_janus_decoder(tmp_path / "janus")
+    codes = torch.randint(0, hf.config.vq_config.num_embeddings, (3, 2, 2))
+    with torch.no_grad():  # the library's own path: the whole model's decode_image_tokens
+        want = hf.decode_image_tokens(codes.reshape(3, -1)).permute(0, 3, 1, 2).clamp(-1, 1)
+    torch.testing.assert_close(decode(codes), want)
+    assert decode(torch.zeros(1, 3, 3, dtype=torch.long)).shape[:2] == (1, 3)  # other grids
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="No .safetensors weights"):
+        load_janus_decoder(tmp_path / "empty")

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import click
 import numpy as np
+import torch
 
 from ..engines import make_engine
 from ..errors import UserError
 from ..models.families import check_family, load_step_model
 from ..outputs import json_bytes, npy_bytes, write_directory, write_json, write_npy
+from ..runtime.decode import decode_tokens, image_grid, png_bytes
 from ..runtime.generate import generate as run_generation
 from ..runtime.sampling import SamplingConfig
 from .options import build_policy
@@ -87,6 +89,11 @@ def generate_family(*, family: str, checkpoint: str | None, random_weights: bool
         engine = make_engine("torch", model)
     conditions = conditions_for(family, engine.family, checkpoint, prompts, caption_features,
                                 image_size)
+    decode = None
+    if out is not None and family == "janus":  # loaded first: a bad directory fails early
+        from ..models.families.janus import load_janus_decoder
+
+        decode = load_janus_decoder(checkpoint)
     total = num_images or len(conditions)
     conditions = [conditions[i % len(conditions)] for i in range(total)]
     chosen = build_policy(engine.family.token_layout(engine.layout), policy, budget, **knobs)
@@ -109,7 +116,14 @@ def generate_family(*, family: str, checkpoint: str | None, random_weights: bool
     if stats_json is not None:
         write_json(stats_json, stats)
     if out is not None:
-        write_directory(out, {"tokens.npy": npy_bytes(tokens), "stats.json": json_bytes(stats)},
-                        force)
+        files = {"tokens.npy": npy_bytes(tokens), "stats.json": json_bytes(stats)}
+        if decode is not None:
+            pictures = decode_tokens(decode, torch.from_numpy(tokens))
+            files.update({f"{index:04d}_seed{seed}.png": png_bytes(picture)
+                          for index, picture in enumerate(pictures)})
+            files["grid.png"] = png_bytes(image_grid(pictures))
+        write_directory(out, files, force)
+    written = "images and token grids" if decode is not None else (
+        "token grids written; decode them with the family's own VQ decoder")
     click.echo(f"{total} images ({family}), {chosen.name} policy, capacity {chosen.capacity} "
-               f"slots: token grids written; decode them with the family's own VQ decoder.")
+               f"slots: {written}.")

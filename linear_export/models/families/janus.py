@@ -8,12 +8,14 @@ explicit, so they stay the absolute sequence positions after eviction.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from ...errors import UserError
 from ..configs import SequenceLayout
 from .base import Family, PrefixGroup, group_by_length
 from .hf_decoder import HFDecoderStep, geometry
@@ -71,3 +73,43 @@ class JanusStep(HFDecoderStep):
 
     def code_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.generation_head(hidden)
+
+
+def load_janus_decoder(directory: str | Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Janus's VQ decoder, read alone (`model.vqmodel.*`) from a local model directory.
+
+    Returns decode(codes [B, h, w]) -> images [B, 3, H, W] in [-1, 1], float32, on the
+    CPU, for any grid (the library's decode checks the configured grid; the convolutions do
+    not need it).
+    """
+    from safetensors import safe_open
+    from transformers import JanusConfig
+    from transformers.models.janus.modeling_janus import JanusVQVAE
+
+    directory = Path(directory)
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"No .safetensors weights in '{directory}' to read Janus's VQ decoder "
+                        "from; convert the checkpoint to safetensors or omit --out.")
+    config = JanusConfig.from_pretrained(str(directory), local_files_only=True)
+    vq = JanusVQVAE(config.vq_config)
+    prefix = "model.vqmodel."
+    state = {}
+    for file in files:
+        with safe_open(str(file), "pt") as weights:
+            state.update({key.removeprefix(prefix): weights.get_tensor(key)
+                          for key in weights.keys() if key.startswith(prefix)})
+    missing = vq.load_state_dict(state, strict=False).missing_keys
+    if missing:
+        raise UserError(f"'{directory}' lacks Janus's VQ decoder weights ({prefix}{missing[0]} "
+                        "and others); pass the full Janus-Pro model directory.")
+    vq = vq.float().eval().requires_grad_(False)
+
+    def decode(codes: torch.Tensor) -> torch.Tensor:
+        batch, height, width = codes.shape
+        vq.quantize.quant_state_dims = [height, width]
+        with torch.inference_mode():
+            images = vq.decode(codes.reshape(batch, height * width).long().cpu())
+        return images.float().clamp(-1, 1)
+
+    return decode
