@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from linear_export.cli import main
@@ -51,6 +52,27 @@ def test_t2i_artifact_builds_verifies_and_generates_the_torch_tokens(tmp_path) -
                   "--save-tokens", str(tmp_path / "ort.npy"))
     assert torch_run.exit_code == 0 and ort_run.exit_code == 0, ort_run.output
     assert np.array_equal(np.load(tmp_path / "torch.npy"), np.load(tmp_path / "ort.npy"))
+
+
+def test_t2i_out_decodes_with_the_llamagen_vq(tmp_path) -> None:
+    from linear_export.models.vq import VQ_CONFIGS, VQModel
+
+    torch.manual_seed(0)
+    torch.save({"model": VQModel(VQ_CONFIGS["VQ-tiny"]).state_dict()}, tmp_path / "vq.pt")
+    np.save(tmp_path / "a.npy", np.random.default_rng(0).normal(size=(7, 2048)).astype("f4"))
+    out = tmp_path / "samples"
+    result = run(*T2I, "--caption-features", str(tmp_path / "a.npy"), "--vq-checkpoint",
+                 str(tmp_path / "vq.pt"), "--vq-model", "VQ-tiny", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert sorted(path.name for path in out.iterdir()) == [
+        "0000_seed0.png", "grid.png", "stats.json", "tokens.npy"]
+
+
+def test_vq_checkpoint_with_a_family_that_has_its_own_decoder_is_exit_2(janus_dir) -> None:
+    result = run("generate", "--family", "janus", "--checkpoint", str(janus_dir),
+                 "--prompt", "a cat", "--vq-checkpoint", str(janus_dir / "config.json"))
+    assert result.exit_code == 2
+    assert "drop --vq-checkpoint" in result.output
 
 
 def test_t2i_without_caption_features_is_exit_2() -> None:

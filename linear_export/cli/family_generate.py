@@ -71,9 +71,18 @@ def generate_family(*, family: str, checkpoint: str | None, random_weights: bool
                     caption_features: tuple[str, ...], max_prompt_tokens: int, num_images,
                     batch_size: int, seed: int, engine_name: str, save_tokens: Path | None,
                     stats_json: Path | None, out: Path | None, force: bool,
-                    artifact_dir: Path | None = None) -> None:
-    """Run a non-c2i family on the torch engine, or a built artifact on ort/tensorrt."""
+                    artifact_dir: Path | None = None, load_vq=None) -> None:
+    """Run a non-c2i family on the torch engine, or a built artifact on ort/tensorrt.
+
+    `load_vq(config)`: LlamaGen's VQ decoder (--vq-checkpoint), for llamagen-t2i images.
+    """
     check_family(family, checkpoint)
+    if load_vq is not None and family != "llamagen-t2i":
+        raise UserError(f"--vq-checkpoint decodes LlamaGen tokens; --family {family} "
+                        + ("decodes with Janus's own VQ decoder from the model directory; "
+                           "drop --vq-checkpoint." if family == "janus" else
+                           "has no decoder here yet (Chameleon's VQ-VAE in transformers is "
+                           "encoder-only); drop --vq-checkpoint."))
     if engine_name != "torch" or artifact_dir is not None:
         model, engine = None, artifact_engine(family, engine_name, artifact_dir, device)
         checkpoint = checkpoint or engine.artifact.manifest["weights"].get("path")
@@ -89,11 +98,13 @@ def generate_family(*, family: str, checkpoint: str | None, random_weights: bool
         engine = make_engine("torch", model)
     conditions = conditions_for(family, engine.family, checkpoint, prompts, caption_features,
                                 image_size)
-    decode = None
-    if out is not None and family == "janus":  # loaded first: a bad directory fails early
+    decode = None  # loaded before generating: a bad decoder fails early
+    if out is not None and family == "janus":
         from ..models.families.janus import load_janus_decoder
 
         decode = load_janus_decoder(checkpoint)
+    elif out is not None and load_vq is not None:
+        decode = load_vq(engine.config).decode_codes
     total = num_images or len(conditions)
     conditions = [conditions[i % len(conditions)] for i in range(total)]
     chosen = build_policy(engine.family.token_layout(engine.layout), policy, budget, **knobs)

@@ -171,7 +171,9 @@ def generate(
             prompts=prompts, caption_features=caption_features,
             max_prompt_tokens=max_prompt_tokens, num_images=num_images, batch_size=batch_size,
             seed=seed, engine_name=engine_name, save_tokens=save_tokens, stats_json=stats_json,
-            out=out, force=force, artifact_dir=artifact_dir)
+            out=out, force=force, artifact_dir=artifact_dir,
+            load_vq=None if vq_checkpoint is None or no_decode
+            else lambda config: load_decoder(vq_checkpoint, vq_model, config))
         return
     if checkpoint is not None and Path(checkpoint).is_dir():
         check_family(family, checkpoint)  # a Hugging Face directory of another family
