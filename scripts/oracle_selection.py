@@ -4,6 +4,7 @@ The oracle keeps, at each line end, the slots the full cache's attention of *all
 lines* uses most (per layer and kv head, the budget's usual recent line always kept). It
 reads the future, so it is no policy; it only bounds what scoring can reach at a budget.
 It prints the held-out ΔNLL of the oracle beside LineAR's and window's, as `eval` measures it.
+`--later-lines 1` makes it read the next line only.
 
     python scripts/oracle_selection.py --budgets 1/2,1/4,1/8 --heldout 100
 """
@@ -51,12 +52,13 @@ def future_attention(model: GPT, tokens: torch.Tensor, labels: list[int]) -> tor
 class OraclePolicy(Policy):
     """LineAR's selection with priorities from the future's attention instead of scores."""
 
-    def __init__(self, config: PolicyConfig, layout, future: torch.Tensor):
+    def __init__(self, config: PolicyConfig, layout, future: torch.Tensor, later_lines: int):
         super().__init__(config, layout)
-        self.future = future
+        self.future, self.later_lines = future, later_lines or layout.height
 
     def select(self, positions, scores, finished_line, cfg):
-        later = self.future[:, :, :, finished_line + 1:].sum(3)  # [L, B, Hkv, keys]
+        lines = slice(finished_line + 1, finished_line + 1 + self.later_lines)
+        later = self.future[:, :, :, lines].sum(3)  # [L, B, Hkv, keys]
         priority = later.gather(-1, positions.clamp(max=later.shape[-1] - 1))
         return super().select(positions, priority, finished_line, cfg)
 
@@ -66,7 +68,9 @@ class OraclePolicy(Policy):
 @click.option("--heldout", type=int, default=100, show_default=True)
 @click.option("--real", type=int, default=200, show_default=True,
               help="Where the held-out images start (eval's --real).")
-def main(budgets: str, heldout: int, real: int) -> None:
+@click.option("--later-lines", type=int, default=0, show_default=True,
+              help="How many later lines the oracle reads (0: all of them).")
+def main(budgets: str, heldout: int, real: int, later_lines: int) -> None:
     subject = demo_subject(heldout, real, seed=0)
     engine = subject.engine
     layout = engine.layout
@@ -84,7 +88,8 @@ def main(budgets: str, heldout: int, real: int) -> None:
         tokens = parse_budget(budget, layout)
         row = []
         for name, policy in (
-            ("oracle", OraclePolicy(PolicyConfig("linear", budget=tokens), layout, future)),
+            ("oracle", OraclePolicy(PolicyConfig("linear", budget=tokens), layout, future,
+                                    later_lines)),
             ("linear", Policy(PolicyConfig("linear", budget=tokens), layout)),
             ("window", Policy(PolicyConfig("window", budget=tokens), layout)),
         ):
