@@ -69,3 +69,9 @@ def without_scores(out: StepOutput, need_scores: bool) -> StepOutput:
     if not need_scores and out.attn_mass is not None:
         return StepOutput(out.logits, out.present_key, out.present_value, None)
     return out
+
+
+def scoring_positions(position_ids: torch.Tensor,
+                      score_position_ids: torch.Tensor | None) -> torch.Tensor:
+    """What a scored graph's score_position_ids input gets: the queries' own when not given."""
+    return position_ids if score_position_ids is None else score_position_ids

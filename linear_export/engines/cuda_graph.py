@@ -15,6 +15,7 @@ import torch
 from ..errors import UserError
 from ..models.gpt import GPT
 from ..runtime.cache import KVCache
+from .base import scoring_positions
 
 WARMUP_RUNS = 2  # eager runs on a side stream before capture, as torch.cuda.graphs asks
 
@@ -60,7 +61,7 @@ class DecodeGraphs:
             self._graphs[batch] = captured
         captured.input_ids.copy_(input_ids, non_blocking=True)
         captured.position_ids.copy_(position_ids.expand(batch, 1), non_blocking=True)
-        scored = position_ids if score_position_ids is None else score_position_ids
+        scored = scoring_positions(position_ids, score_position_ids)
         captured.score_position_ids.copy_(scored.expand(batch, 1), non_blocking=True)
         self.cache_len.fill_(cache.cache_len)
         captured.graph.replay()

@@ -19,7 +19,7 @@ from ..export.artifact import Artifact, directory_mode, load_artifact
 from ..export.split_cache import layer_input
 from ..runtime.cache import KVCache
 from ..runtime.policies import Policy
-from .base import StepOutput, check_bound_cache, without_scores
+from .base import StepOutput, check_bound_cache, scoring_positions, without_scores
 
 NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 CACHE_DIR = ".ort"  # optimized models, inside the artifact directory they were made from
@@ -171,11 +171,9 @@ class OrtEngine:
                 attn_mass=torch.empty(config.n_layer, batch, config.n_head, self.capacity,
                                       dtype=torch.float32, device=dev) if with_scores else None,
             )
-            positions = [torch.zeros(batch, steps, dtype=torch.long, device=dev)
-                         for _ in range(2 if with_scores else 1)]
-            bound = _Bound(self.sessions[with_scores].io_binding(), out, *positions[:1],
-                           torch.zeros(batch, steps, dtype=torch.long, device=dev),
-                           positions[1] if with_scores else None)
+            ids = [torch.zeros(batch, steps, dtype=torch.long, device=dev) for _ in range(3)]
+            bound = _Bound(self.sessions[with_scores].io_binding(), out, ids[0], ids[1],
+                           ids[2] if with_scores else None)
             for name in ("logits", "present_key", "present_value", "attn_mass"):
                 tensor = getattr(out, name)
                 if tensor is not None:
@@ -233,13 +231,12 @@ class OrtEngine:
         bound.input_ids.copy_(input_ids)
         bound.position_ids.copy_(position_ids.expand(batch, steps))
         if with_scores:
-            scored = position_ids if score_position_ids is None else score_position_ids
+            scored = scoring_positions(position_ids, score_position_ids)
             bound.score_position_ids.copy_(scored.expand(batch, steps))
         self._cache_len.fill_(cache.cache_len)
         self._bind_cache(bound, cache)
         self.sessions[with_scores].run_with_iobinding(bound.binding)
         return without_scores(bound.out, need_scores)
-
 
     def _prefill_embeds(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
                         cache: KVCache) -> StepOutput:

@@ -17,7 +17,7 @@ from ..export.artifact import STEP, STEP_NOSCORES, Artifact, load_artifact
 from ..export.split_cache import CACHE_INPUTS, layer_input
 from ..export.tensorrt import Profile, check_plan_compatible, require_tensorrt
 from ..runtime.cache import KVCache
-from .base import StepOutput, check_bound_cache, without_scores
+from .base import StepOutput, check_bound_cache, scoring_positions, without_scores
 
 
 @dataclass
@@ -158,7 +158,7 @@ class TrtEngine:
         bound.input_ids.copy_(input_ids, non_blocking=True)
         bound.position_ids.copy_(position_ids.expand(batch, steps), non_blocking=True)
         if with_scores:
-            scored = position_ids if score_position_ids is None else score_position_ids
+            scored = scoring_positions(position_ids, score_position_ids)
             bound.score_position_ids.copy_(scored.expand(batch, steps), non_blocking=True)
         self._cache_len.fill_(cache.cache_len)  # a fill kernel: no host round trip
         key = (batch, steps, cache.key.data_ptr(), cache.value.data_ptr())
