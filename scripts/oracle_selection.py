@@ -6,7 +6,12 @@ reads the future, so it is no policy; it only bounds what scoring can reach at a
 It prints the held-out ΔNLL of the oracle beside LineAR's and window's, as `eval` measures it.
 `--later-lines 1` makes it read the next line only.
 
-    python scripts/oracle_selection.py --budgets 1/2,1/4,1/8 --heldout 100
+`--pool-heads` also bounds budgets that differ between a layer's kv heads (the same total):
+the runtime cannot run those (every head holds cache_len slots), so that oracle's NLL comes
+from a teacher-forced forward pass with each head's visibility mask. The same pass with the
+uniform oracle's masks is printed too, as a check that it agrees with the runtime.
+
+    python scripts/oracle_selection.py --budgets 1/2,1/4,1/8 --heldout 100 [--pool-heads]
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import math
 
 import click
 import torch
+import torch.nn.functional as F
 
 from linear_export.cli.eval import demo_subject
 from linear_export.evaluation.sweep import EvalSettings, teacher_forced_nll
@@ -63,6 +69,67 @@ class OraclePolicy(Policy):
         return super().select(positions, priority, finished_line, cfg)
 
 
+def oracle_visibility(future: torch.Tensor, policy: Policy, pool_heads: bool,
+                      later_lines: int = 0) -> torch.Tensor:
+    """[L, B, Hkv, N, N] bool: the keys each query sees under the oracle's evictions.
+
+    Line f's eviction (after its last token is cached) hides keys from the queries of lines
+    f + 1 on; evicted keys never come back. `pool_heads`: a layer's kv heads share one budget.
+    `later_lines`: how many later lines' attention ranks the keys (0: all of them).
+    """
+    layout = policy.layout
+    layers, batch, heads = future.shape[:3]
+    length, prefix, width = layout.length, layout.prefix, layout.width
+    image_index = torch.arange(length) - prefix
+    visible = torch.ones(length, length, dtype=torch.bool).tril().repeat(layers, batch, heads,
+                                                                          1, 1)
+    alive = torch.ones(layers, batch, heads, length, dtype=torch.bool)
+    for finished in range(layout.height - 1):
+        newest = (finished + 1) * width - 1
+        cached = alive & (image_index <= newest)
+        if int((cached & (image_index >= 0)).sum(-1).max()) <= policy.budget:
+            continue
+        later = slice(finished + 1, finished + 1 + later_lines if later_lines else None)
+        priority = future[:, :, :, later].sum(3)[..., :length]
+        recent = image_index > newest - policy.recent_lines * width
+        priority = priority.masked_fill((image_index < 0) | recent, math.inf)
+        priority = priority.masked_fill(~cached, -math.inf)
+        keep = prefix + policy.budget
+        if pool_heads:
+            flat = priority.flatten(2)
+            kept = torch.zeros_like(flat).scatter_(-1, flat.topk(heads * keep).indices, 1)
+            kept = kept.view_as(priority).bool()
+        else:
+            kept = torch.zeros_like(priority).scatter_(-1, priority.topk(keep).indices, 1).bool()
+        alive = (kept & cached) | (image_index > newest)
+        visible[..., prefix + newest + 1:, :] &= alive[..., None, :]
+    return visible
+
+
+@torch.inference_mode()
+def masked_nll(model: GPT, tokens: torch.Tensor, labels: list[int],
+               visible: torch.Tensor | None) -> torch.Tensor:
+    """Teacher-forced NLL per image [B] with per-(layer, kv head) visibility (None: causal)."""
+    config, layout = model.config, model.layout
+    images = tokens.reshape(len(labels), -1)
+    ids = torch.cat([torch.tensor(labels)[:, None] + config.vocab_size, images], 1)
+    cos_sin = model.rope[torch.arange(ids.shape[1]).expand_as(ids)]
+    group = config.n_head // config.kv_heads
+    causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()
+    hidden = model.embed(ids)
+    for index, layer in enumerate(model.layers):
+        x = layer.attention_norm(hidden)
+        q, k, v = layer.attention.project(x, cos_sin)
+        mask = causal if visible is None else visible[index].repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(q, k.repeat_interleave(group, dim=1),
+                                             v.repeat_interleave(group, dim=1), attn_mask=mask)
+        hidden = hidden + layer.attention.wo(out.transpose(1, 2).flatten(2))
+        hidden = hidden + layer.feed_forward(layer.ffn_norm(hidden))
+    logits = model.output(model.norm(hidden)).float()[:, layout.prefix - 1:-1]
+    picked = logits.log_softmax(-1).gather(-1, images[..., None])[..., 0]
+    return -picked.double().mean(1)
+
+
 @click.command()
 @click.option("--budgets", default="1/2,1/4,1/8", show_default=True)
 @click.option("--heldout", type=int, default=100, show_default=True)
@@ -70,7 +137,9 @@ class OraclePolicy(Policy):
               help="Where the held-out images start (eval's --real).")
 @click.option("--later-lines", type=int, default=0, show_default=True,
               help="How many later lines the oracle reads (0: all of them).")
-def main(budgets: str, heldout: int, real: int, later_lines: int) -> None:
+@click.option("--pool-heads", is_flag=True,
+              help="Also bound budgets that differ between a layer's kv heads (masked forward).")
+def main(budgets: str, heldout: int, real: int, later_lines: int, pool_heads: bool) -> None:
     subject = demo_subject(heldout, real, seed=0)
     engine = subject.engine
     layout = engine.layout
@@ -94,6 +163,14 @@ def main(budgets: str, heldout: int, real: int, later_lines: int) -> None:
             ("window", Policy(PolicyConfig("window", budget=tokens), layout)),
         ):
             row.append(f"{name} {100 * (nll(policy) / full - 1):+.2f}%")
+        if pool_heads:
+            model, heldout_tokens = engine.model, subject.heldout_tokens
+            masked_full = masked_nll(model, heldout_tokens, labels, None).mean().item()
+            policy = Policy(PolicyConfig("linear", budget=tokens), layout)
+            for name, pool in (("oracle (masked forward)", False), ("oracle, heads pooled", True)):
+                visible = oracle_visibility(future, policy, pool, later_lines)
+                value = masked_nll(model, heldout_tokens, labels, visible).mean().item()
+                row.append(f"{name} {100 * (value / masked_full - 1):+.2f}%")
         print(f"{budget}: " + ", ".join(row))
 
 

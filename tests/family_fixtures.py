@@ -6,7 +6,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from linear_export.engines.base import StepOutput
+from linear_export.engines.base import StepOutput, scoring_positions
 from linear_export.runtime.cache import KVCache
 
 
@@ -50,12 +50,12 @@ class OnnxStepEngine:
     def step(self, input_ids, position_ids, cache: KVCache, need_scores=True,
              score_position_ids=None, **_):
         batch, steps = input_ids.shape
-        scored = position_ids if score_position_ids is None else score_position_ids
+        scored = scoring_positions(position_ids, score_position_ids).expand(batch, -1, -1)
         feeds = {"input_ids": input_ids.numpy().astype(np.int64),
                  "position_ids": position_ids.expand(batch, steps).numpy().astype(np.int64),
                  "past_key": cache.key.numpy(), "past_value": cache.value.numpy(),
                  "cache_len": np.array(cache.cache_len, dtype=np.int64),
-                 "score_position_ids": scored.expand(batch, steps).numpy().astype(np.int64)}
+                 "score_position_ids": scored.numpy().astype(np.int64)}
         logits, key, value, mass = (torch.from_numpy(a) for a in self.session.run(None, feeds))
         return StepOutput(logits, key, value, mass if need_scores else None)
 

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from linear_export.cli import main
+from linear_export.models.configs import SequenceLayout
 from linear_export.runtime.bench import (
     BASELINE,
     BenchConfig,
@@ -18,8 +19,10 @@ from linear_export.runtime.bench import (
     available_engines,
     max_batch,
     measure,
+    parse_policy,
     parse_size,
 )
+from linear_export.runtime.policies import PolicyConfig
 
 
 def run(*args: str):
@@ -89,6 +92,10 @@ def test_kv_bytes_are_exactly_capacity_proportional(quick: dict) -> None:
         (["--engines", "torch,tvm"], "Unknown engine 'tvm'"),
         (["--batch-sizes", "0"], "--batch-sizes '0'"),
         (["--fit-batches", "2,2"], "two different batch sizes"),
+        (["--policies", "linear:1/4:lookahaed=0"], "'lookahaed=0' is not a policy knob"),
+        (["--policies", "linear:1/4:lookahead=x"], "Knob lookahead takes a whole number"),
+        (["--policies", "linear:1/4:lookahead=9"], "--lookahead 9 is out of range"),
+        (["--policies", "full:anchor=2"], "full keeps the whole cache"),
     ],
 )
 def test_bad_input_exits_2_with_one_sentence(args: list[str], phrase: str) -> None:
@@ -178,3 +185,14 @@ def test_child_peak_rss_is_its_own_not_the_parents() -> None:
                           check=True)
     assert int(done.stdout) < 1 << 30
     del ballast
+
+
+def test_policy_specs_take_knobs_after_the_budget() -> None:
+    layout = SequenceLayout(prefix=1, height=16, width=16)
+    plain = parse_policy("linear:1/4", layout)
+    in_place = parse_policy("linear:1/4:lookahead=0:recent-lines=2:cfg_share=true", layout)
+    assert plain.config.lookahead == PolicyConfig.lookahead and plain.budget == 64
+    assert (in_place.config.lookahead, in_place.recent_lines) == (0, 2)
+    assert in_place.config.cfg_share is True and in_place.budget == 64
+    assert parse_policy("linear:granularity=layer", layout).config.granularity == "layer"
+    assert parse_policy("linear:granularity=layer", layout).budget == 64  # the 1/4 default

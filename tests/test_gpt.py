@@ -116,13 +116,19 @@ def test_score_positions_rotate_the_queries_that_measure_attention_mass(name: st
         plain = model.step(*args)
         in_place = model.step(*args, score_position_ids=positions[:, past:])
         shifted = model.step(*args, score_position_ids=ahead[:, past:])
+        # Two rotations (one and two lines down): the mass of each, summed.
+        both = torch.stack([positions[:, past:] + width, ahead[:, past:]], dim=1)
+        summed = model.step(*args, score_position_ids=both)
         want = reference_mass(model, ids, positions, ahead, past)
         want_in_place = reference_mass(model, ids, positions, positions, past)
+        want_summed = want + reference_mass(model, ids, positions, positions + width, past)
     for index in range(3):  # logits and K/V never depend on where the mass is measured
         torch.testing.assert_close(shifted[index], plain[index], atol=0, rtol=0)
+        torch.testing.assert_close(summed[index], plain[index], atol=0, rtol=0)
     torch.testing.assert_close(in_place[3], plain[3], atol=0, rtol=0)
     torch.testing.assert_close(plain[3][..., :past], want_in_place, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(shifted[3][..., :past], want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(summed[3][..., :past], want_summed, atol=1e-5, rtol=1e-4)
     assert (want - want_in_place).abs().max() > 1e-3
 
 

@@ -89,7 +89,7 @@ def test_score_positions_move_the_mass_as_in_torch() -> None:
     out = reference.step(ids[:, :-1], positions[:, :-1], cache)
     cache.append(out.present_key, out.present_value, positions[0, :-1])
     step_ids, step_positions = ids[:, -1:], positions[:, -1:]
-    ahead = step_positions + width
+    ahead = torch.stack([step_positions + width, step_positions + 2 * width], dim=1)  # R = 2
     want = reference.step(step_ids, step_positions, cache, True, score_position_ids=ahead).attn_mass
     in_place = reference.step(step_ids, step_positions, cache, True).attn_mass
     got = engine.step(step_ids, step_positions, cache, True, score_position_ids=ahead).attn_mass

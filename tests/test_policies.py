@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from linear_export.errors import UserError
+from linear_export.models.attention import MAX_LOOKAHEAD
 from linear_export.models.configs import SequenceLayout
 from linear_export.runtime.cache import CacheShape, KVCache
 from linear_export.runtime.policies import Policy, PolicyConfig
@@ -142,14 +143,19 @@ def test_linear_lookahead_moves_scoring_queries_down_whole_lines_within_the_imag
     positions = torch.tensor([[2], [9], [18], [21], [25]])  # lines 0, 1, 4, 4 and 5
     ahead = Policy(PolicyConfig("linear", budget=8, lookahead=2), layout)
     moved = ahead.score_positions(positions, last)
-    # Two lines down where the image has them, fewer near its end, never another column.
-    assert moved.flatten().tolist() == [10, 17, 22, 25, 25]
-    assert torch.equal((moved - positions) % layout.width, torch.zeros_like(positions))
+    # [B, R, T]: one, then two lines down where the image has them, fewer near its end,
+    # never another column.
+    assert moved.tolist() == [[[6], [10]], [[13], [17]], [[22], [22]], [[25], [25]],
+                              [[25], [25]]]
+    assert torch.equal((moved - positions[:, None]) % layout.width, torch.zeros_like(moved))
+    steps = torch.tensor([[2, 3]])  # a two-token step
+    assert ahead.score_positions(steps, last).tolist() == [[[6, 7], [10, 11]]]
     assert Policy(PolicyConfig("linear", budget=8, lookahead=0), layout).score_positions(
         positions, last) is None
     assert Policy(PolicyConfig("h2o", budget=8), layout).score_positions(positions, last) is None
-    with pytest.raises(UserError, match="--lookahead -1"):
-        Policy(PolicyConfig("linear", budget=8, lookahead=-1), layout)
+    for bad in (-1, MAX_LOOKAHEAD + 1):
+        with pytest.raises(UserError, match=f"--lookahead {bad} is out of range"):
+            Policy(PolicyConfig("linear", budget=8, lookahead=bad), layout)
 
 
 @settings(max_examples=40, deadline=None)

@@ -32,6 +32,7 @@ from linear_export.export.tensorrt import (
     unavailable_reason,
     with_plans,
 )
+from linear_export.models.attention import DEFAULT_LOOKAHEAD, MAX_LOOKAHEAD
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
@@ -57,11 +58,15 @@ def run(*args: str):
 
 
 def test_profiles_decode_only_when_the_prefix_is_one_token() -> None:
-    assert profile_specs(1, 64, 16) == [Profile("decode", (1, 16, 64), (1, 1, 1))]
+    assert profile_specs(1, 64, 16) == [
+        Profile("decode", (1, 16, 64), (1, 1, 1), (1, DEFAULT_LOOKAHEAD, MAX_LOOKAHEAD))]
     decode, prefill = profile_specs(120, 32, 8)
     assert decode.steps == (1, 1, 1) and prefill.steps == (2, 120, 120)
     assert decode.batch == prefill.batch == (1, 8, 32)
     assert prefill.covers(32, 120) and not prefill.covers(33, 120) and not prefill.covers(4, 1)
+    # Scoring rotations of the step's queries: one to MAX_LOOKAHEAD (0: the graph has none).
+    assert decode.covers(4, 1, MAX_LOOKAHEAD) and not decode.covers(4, 1, MAX_LOOKAHEAD + 1)
+    assert decode.covers(4, 1, 0) and prefill.covers(4, 120, MAX_LOOKAHEAD)
     assert default_opt_batch(64) == 16 and default_opt_batch(4) == 4
 
 
@@ -72,6 +77,10 @@ def test_shape_ranges_follow_the_symbols_of_input_ids() -> None:
     assert ranges["input_ids"] == ((1, 1), (4, 1), (16, 1))
     assert ranges["past_key.0"] == ((1, 2, 40, 16), (4, 2, 40, 16), (16, 2, 40, 16))
     assert input_shape_ranges(INPUTS, prefill)["position_ids"] == ((1, 2), (4, 3), (16, 3))
+    scored = INPUTS + [{"name": "score_position_ids", "dtype": "int64",
+                        "shape": ["s0", "s2", "s1"]}]
+    assert input_shape_ranges(scored, decode)["score_position_ids"] == (
+        (1, 1, 1), (4, DEFAULT_LOOKAHEAD, 1), (16, MAX_LOOKAHEAD, 1))
     odd = INPUTS + [{"name": "extra", "dtype": "int64", "shape": ["s9"]}]
     with pytest.raises(ValueError, match="s9"):
         input_shape_ranges(odd, decode)
@@ -92,7 +101,8 @@ def test_manifest_records_plans_version_and_gpu() -> None:
                              plans={"step.onnx": "step.plan"}, seconds=12.3456)
     assert record["version"] == "11.2.1" and record["gpu"] == "NVIDIA H200"
     assert record["strongly_typed"] and not record["tf32"] and record["max_batch"] == 16
-    assert record["profiles"] == [{"name": "decode", "batch": (1, 8, 16), "steps": (1, 1, 1)}]
+    assert record["profiles"] == [{"name": "decode", "batch": (1, 8, 16), "steps": (1, 1, 1),
+                                   "rotations": (1, DEFAULT_LOOKAHEAD, MAX_LOOKAHEAD)}]
     assert "/somewhere" not in str(record) and record["timing_cache"] == TIMING_CACHE
     assert record["build_seconds"] == 12.346
     manifest = {"files": {"step.onnx": {"sha256": "a", "bytes": 1},

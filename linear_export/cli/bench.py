@@ -72,7 +72,8 @@ def setting(name: str, given: object, quick: bool) -> object:
 @click.option("--engines", default=None,
               help="Comma-separated engines: torch, ort, tensorrt [default: torch,ort].")
 @click.option("--policies", default=None,
-              help="Comma-separated NAME[:BUDGET] specs; full is always added "
+              help="Comma-separated NAME[:BUDGET][:KNOB=VALUE...] specs, e.g. "
+                   "linear:1/4:lookahead=0 (knobs: PolicyConfig fields); full is always added "
                    f"[default: {DEFAULTS['policies']}].")
 @click.option("--batch-sizes", default=None, help="Comma-separated images per batch [default: 8].")
 @click.option("--cfg-scale", type=float, default=4.0, show_default=True,

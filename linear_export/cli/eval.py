@@ -98,7 +98,8 @@ def split_list(text: str) -> tuple[str, ...]:
               default=PolicyConfig.granularity, show_default=True)
 @click.option("--cfg-share/--no-cfg-share", default=PolicyConfig.cfg_share, show_default=True)
 @click.option("--score-queries", type=int, default=PolicyConfig.score_queries, show_default=True)
-@click.option("--lookahead", type=int, default=PolicyConfig.lookahead, show_default=True)
+@click.option("--lookahead", type=int, default=PolicyConfig.lookahead, show_default=True,
+              help="linear: score with the queries rotated 1..N lines ahead (0: in place).")
 @click.option("--quick", is_flag=True,
               help="A small, fast run for CI: full and linear at budgets 1/1 and 1/4, one sample "
                    "per class.")

@@ -57,8 +57,8 @@ policy_options = compose(
                  show_default=True,
                  help="linear: score with the finished line's last k queries (0: all)."),
     click.option("--lookahead", type=int, default=PolicyConfig.lookahead, show_default=True,
-                 help="linear: rank slots with those queries rotated this many lines ahead, "
-                      "i.e. by what later lines will read (0: in place)."),
+                 help="linear: rank slots with those queries rotated 1..N lines ahead, "
+                      "summed, i.e. by what later lines will read (0: in place; at most 8)."),
     click.option("--sinks", type=int, default=PolicyConfig.sinks, show_default=True,
                  help="streaming: first image tokens always kept."),
     click.option("--recent-tokens", type=int, default=None,

@@ -40,7 +40,7 @@ class Engine(Protocol):
         """Attend over the cache's live slots plus the step's own tokens; never writes the cache.
 
         attn_mass is measured with the step's queries rotated to `score_position_ids`
-        (default: position_ids, their own positions).
+        [B, R, T] (default: position_ids, their own positions), summed over the R rotations.
         """
         ...
 
@@ -73,5 +73,7 @@ def without_scores(out: StepOutput, need_scores: bool) -> StepOutput:
 
 def scoring_positions(position_ids: torch.Tensor,
                       score_position_ids: torch.Tensor | None) -> torch.Tensor:
-    """What a scored graph's score_position_ids input gets: the queries' own when not given."""
-    return position_ids if score_position_ids is None else score_position_ids
+    """What a scored graph's score_position_ids [B, R, T] gets: the queries' own when not
+    given (R = 1); [B, T] is one rotation."""
+    scored = position_ids if score_position_ids is None else score_position_ids
+    return scored.view(scored.shape[0], -1, position_ids.shape[-1])

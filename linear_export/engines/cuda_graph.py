@@ -36,42 +36,43 @@ class _Captured:
     cache_pointers: tuple[int, int]
     input_ids: torch.Tensor  # [B, 1] static inputs, copied into before each replay
     position_ids: torch.Tensor
-    score_position_ids: torch.Tensor
+    score_position_ids: torch.Tensor  # [B, R, 1]: R scoring rotations of the one query
     outputs: tuple[torch.Tensor, ...]  # logits, present_key, present_value, attn_mass
 
 
 class DecodeGraphs:
-    """CUDA graphs of `model.step` for T = 1, one per batch size."""
+    """CUDA graphs of `model.step` for T = 1, one per batch size and scoring rotations."""
 
     def __init__(self, model: GPT, device: torch.device):
         check_cuda_graph_device(device)
         self.model, self.device = model, device
         self.cache_len = torch.zeros((), dtype=torch.long, device=device)
-        self._graphs: dict[int, _Captured] = {}
+        self._graphs: dict[tuple[int, int], _Captured] = {}
 
     def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache,
              score_position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """The outputs of one decode step; overwritten by the next replay of the same batch."""
         batch = input_ids.shape[0]
+        scored = scoring_positions(position_ids, score_position_ids)
+        key = (batch, scored.shape[1])
         pointers = (cache.key.data_ptr(), cache.value.data_ptr())
-        captured = self._graphs.get(batch)
+        captured = self._graphs.get(key)
         if captured is None or captured.cache_pointers != pointers:
-            self._graphs.pop(batch, None)  # frees the old graph's memory pool first
-            captured = self._capture(batch, cache)
-            self._graphs[batch] = captured
+            self._graphs.pop(key, None)  # frees the old graph's memory pool first
+            captured = self._capture(batch, scored.shape[1], cache)
+            self._graphs[key] = captured
         captured.input_ids.copy_(input_ids, non_blocking=True)
         captured.position_ids.copy_(position_ids.expand(batch, 1), non_blocking=True)
-        scored = scoring_positions(position_ids, score_position_ids)
-        captured.score_position_ids.copy_(scored.expand(batch, 1), non_blocking=True)
+        captured.score_position_ids.copy_(scored.expand(batch, -1, -1), non_blocking=True)
         self.cache_len.fill_(cache.cache_len)
         captured.graph.replay()
         return captured.outputs
 
-    def _capture(self, batch: int, cache: KVCache) -> _Captured:
+    def _capture(self, batch: int, rotations: int, cache: KVCache) -> _Captured:
         input_ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         position_ids = torch.full((batch, 1), self.model.layout.prefix, dtype=torch.long,
                                   device=self.device)
-        score_position_ids = position_ids.clone()
+        score_position_ids = position_ids[:, None].repeat(1, rotations, 1)
         self.cache_len.fill_(cache.cache_len)
 
         def run() -> tuple[torch.Tensor, ...]:

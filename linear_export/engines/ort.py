@@ -158,9 +158,12 @@ class OrtEngine:
     def has_noscores(self) -> bool:
         return False in self.sessions
 
-    def _binding(self, with_scores: bool, batch: int, steps: int) -> _Bound:
-        """One IOBinding per (variant, B, T), bound once to preallocated input/output tensors."""
-        key = (with_scores, batch, steps)
+    def _binding(self, with_scores: bool, batch: int, steps: int, rotations: int) -> _Bound:
+        """One IOBinding per (variant, B, T, R), bound once to preallocated input/output tensors.
+
+        R: score_position_ids' rotations [B, R, T] (0 without scores).
+        """
+        key = (with_scores, batch, steps, rotations)
         if key not in self._bindings:
             config, dev = self.config, self.device
             present = (config.n_layer, batch, config.kv_heads, steps, config.head_dim)
@@ -171,7 +174,8 @@ class OrtEngine:
                 attn_mass=torch.empty(config.n_layer, batch, config.n_head, self.capacity,
                                       dtype=torch.float32, device=dev) if with_scores else None,
             )
-            ids = [torch.zeros(batch, steps, dtype=torch.long, device=dev) for _ in range(3)]
+            ids = [torch.zeros(shape, dtype=torch.long, device=dev)
+                   for shape in ((batch, steps), (batch, steps), (batch, rotations, steps))]
             bound = _Bound(self.sessions[with_scores].io_binding(), out, ids[0], ids[1],
                            ids[2] if with_scores else None)
             for name in ("logits", "present_key", "present_value", "attn_mass"):
@@ -226,13 +230,13 @@ class OrtEngine:
         if inputs_embeds is not None:
             return self._prefill_embeds(inputs_embeds, position_ids, cache)
         with_scores = need_scores or not self.has_noscores()
-        bound = self._binding(with_scores, batch, steps)
+        scored = scoring_positions(position_ids, score_position_ids) if with_scores else None
+        bound = self._binding(with_scores, batch, steps, 0 if scored is None else scored.shape[1])
         # Only the tiny inputs are copied, into buffers bound once; nothing is allocated.
         bound.input_ids.copy_(input_ids)
         bound.position_ids.copy_(position_ids.expand(batch, steps))
-        if with_scores:
-            scored = scoring_positions(position_ids, score_position_ids)
-            bound.score_position_ids.copy_(scored.expand(batch, steps))
+        if scored is not None:
+            bound.score_position_ids.copy_(scored.expand(batch, -1, -1))
         self._cache_len.fill_(cache.cache_len)
         self._bind_cache(bound, cache)
         self.sessions[with_scores].run_with_iobinding(bound.binding)

@@ -52,12 +52,13 @@ class _Plan:
     def _names(self) -> list[str]:
         return [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
 
-    def profile_for(self, batch: int, steps: int) -> int:
+    def profile_for(self, batch: int, steps: int, rotations: int = 0) -> int:
         for index, profile in enumerate(self.profiles):
-            if profile.covers(batch, steps):
+            if profile.covers(batch, steps, rotations):
                 return index
-        raise ValueError(f"no TensorRT profile covers batch {batch} x {steps} steps "
-                         f"({[(p.batch, p.steps) for p in self.profiles]})")
+        raise ValueError(f"no TensorRT profile covers batch {batch} x {steps} steps x "
+                         f"{rotations} scoring rotations "
+                         f"({[(p.batch, p.steps, p.rotations) for p in self.profiles]})")
 
 
 class TrtEngine:
@@ -85,7 +86,8 @@ class TrtEngine:
         self.family = self.artifact.family  # how the runtime drives the exported model
         self.capacity, self.dtype = self.artifact.capacity, self.artifact.dtype
         self.max_batch = int(record["max_batch"])
-        profiles = [Profile(p["name"], tuple(p["batch"]), tuple(p["steps"]))
+        profiles = [Profile(p["name"], tuple(p["batch"]), tuple(p["steps"]),
+                            tuple(p["rotations"]))
                     for p in record["profiles"]]
         # Every plan runs on torch's current stream, so torch ops before and after it are
         # ordered with it and no synchronisation is needed.
@@ -104,8 +106,9 @@ class TrtEngine:
     def has_noscores(self) -> bool:
         return False in self.plans
 
-    def _binding(self, with_scores: bool, batch: int, steps: int) -> _Bound:
-        key = (with_scores, batch, steps)
+    def _binding(self, with_scores: bool, batch: int, steps: int, rotations: int) -> _Bound:
+        """Buffers per (variant, B, T, R); R: score_position_ids' rotations (0: no scores)."""
+        key = (with_scores, batch, steps, rotations)
         if key not in self._bindings:
             config, dev = self.config, self.device
             present = (config.n_layer, batch, config.kv_heads, steps, config.head_dim)
@@ -119,7 +122,8 @@ class TrtEngine:
                     if with_scores else None),
                 torch.zeros(batch, steps, dtype=torch.long, device=dev),
                 torch.zeros(batch, steps, dtype=torch.long, device=dev),
-                torch.zeros(batch, steps, dtype=torch.long, device=dev) if with_scores else None)
+                torch.zeros(batch, rotations, steps, dtype=torch.long, device=dev)
+                if with_scores else None)
         return self._bindings[key]
 
     def _tensors(self, bound: _Bound, cache: KVCache) -> dict[str, torch.Tensor]:
@@ -152,16 +156,17 @@ class TrtEngine:
         check_bound_cache(self, cache, batch, "the TensorRT plans' max batch")
         with_scores = need_scores or not self.has_noscores()
         plan = self.plans[with_scores]
-        index = plan.profile_for(batch, steps)
+        scored = scoring_positions(position_ids, score_position_ids) if with_scores else None
+        rotations = 0 if scored is None else scored.shape[1]
+        index = plan.profile_for(batch, steps, rotations)
         context = plan.contexts[index]
-        bound = self._binding(with_scores, batch, steps)
+        bound = self._binding(with_scores, batch, steps, rotations)
         bound.input_ids.copy_(input_ids, non_blocking=True)
         bound.position_ids.copy_(position_ids.expand(batch, steps), non_blocking=True)
-        if with_scores:
-            scored = scoring_positions(position_ids, score_position_ids)
-            bound.score_position_ids.copy_(scored.expand(batch, steps), non_blocking=True)
+        if scored is not None:
+            bound.score_position_ids.copy_(scored.expand(batch, -1, -1), non_blocking=True)
         self._cache_len.fill_(cache.cache_len)  # a fill kernel: no host round trip
-        key = (batch, steps, cache.key.data_ptr(), cache.value.data_ptr())
+        key = (batch, steps, rotations, cache.key.data_ptr(), cache.value.data_ptr())
         if plan.last_key[index] != key:  # shapes and addresses change per (B, T) and cache
             tensors = self._tensors(bound, cache)
             for name in plan.inputs:

@@ -40,8 +40,8 @@ class TorchEngine:
     ) -> StepOutput:
         """One step; `inputs_embeds` [B, T, dim] feeds a prefix that is no token (captions).
 
-        `score_position_ids` [B, T] (default position_ids): where the queries that measure
-        attn_mass are rotated to (LineAR's lookahead).
+        `score_position_ids` [B, R, T] (default position_ids): where the queries that measure
+        attn_mass are rotated to, R rotations of each (LineAR's lookahead); the mass sums them.
         """
         input_ids, position_ids = input_ids.to(self.device), position_ids.to(self.device)
         if score_position_ids is not None and need_scores:

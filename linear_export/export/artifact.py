@@ -30,7 +30,7 @@ from .onnx_step import (
     export_step,
 )
 
-SCHEMA_VERSION = 2  # 2: the scored step takes score_position_ids
+SCHEMA_VERSION = 3  # 2: the scored step takes score_position_ids; 3: of length R * T
 MANIFEST = "manifest.json"
 STEP = "step.onnx"
 STEP_DATA = "step.onnx.data"

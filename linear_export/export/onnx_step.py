@@ -13,6 +13,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from ..models.attention import MAX_LOOKAHEAD
 from ..models.gpt import GPT, EmbedsPrefillModule, StepModule
 from .split_cache import CACHE_INPUTS, layer_input, split_cache_inputs
 
@@ -21,6 +22,7 @@ INPUT_NAMES = ("input_ids", "position_ids", "past_key", "past_value", "cache_len
 OUTPUT_NAMES = ("logits", "present_key", "present_value", "attn_mass")
 DEFAULT_OPSET = 18
 BATCH, STEPS = "batch", "steps"  # the symbolic dims' names in the graph
+ROTATIONS = "rotations"  # score_position_ids [B, R, T]: R scoring rotations of each query
 ALIGN = 4096  # offsets of appended external tensors, so they stay mmap-friendly
 
 
@@ -44,7 +46,8 @@ def output_names(with_scores: bool) -> tuple[str, ...]:
 
 
 def example_inputs(model: GPT, capacity: int, with_scores: bool = True) -> tuple[torch.Tensor, ...]:
-    """B = T = 2: the dynamo exporter specialises any dimension whose example size is 1."""
+    """B = T = 2 and R = 3: the dynamo exporter specialises any dimension whose example size
+    is 1, and would tie two dimensions whose examples are equal."""
     config, batch, steps = model.config, 2, 2
     dtype = model.dtype
     cache = (config.n_layer, batch, config.kv_heads, capacity, config.head_dim)
@@ -56,7 +59,7 @@ def example_inputs(model: GPT, capacity: int, with_scores: bool = True) -> tuple
         torch.zeros(cache, dtype=dtype),
         torch.zeros(cache, dtype=dtype),
         torch.tensor(1, dtype=torch.long),
-        positions.clone(),
+        torch.stack([positions + model.layout.width * lines for lines in (1, 2, 3)], dim=1),
     )
     return inputs if with_scores else inputs[:-1]
 
@@ -80,13 +83,14 @@ def export_step(
     model = model.eval()
     batch = torch.export.Dim(BATCH, min=1, max=max(2, max_batch))
     steps = torch.export.Dim(STEPS, min=1, max=capacity)
+    rotations = torch.export.Dim(ROTATIONS, min=1, max=MAX_LOOKAHEAD)
     dynamic_shapes = {
         "input_ids": {0: batch, 1: steps},
         "position_ids": {0: batch, 1: steps},
         "past_key": {1: batch},
         "past_value": {1: batch},
         "cache_len": None,
-        "score_position_ids": {0: batch, 1: steps},
+        "score_position_ids": {0: batch, 1: rotations, 2: steps},
     }
     if not with_scores:
         del dynamic_shapes["score_position_ids"]
@@ -144,7 +148,8 @@ def check_step_graph(
         TensorSpec("position_ids", "int64", (BATCH, STEPS)),
         *caches,
         TensorSpec("cache_len", "int64", ()),
-        *([TensorSpec("score_position_ids", "int64", (BATCH, STEPS))] if with_scores else []),
+        *([TensorSpec("score_position_ids", "int64", (BATCH, ROTATIONS, STEPS))]
+          if with_scores else []),
         TensorSpec("logits", "float32", (BATCH, config.vocab_size)),
         TensorSpec("present_key", float_name, present),
         TensorSpec("present_value", float_name, present),

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..models.attention import DEFAULT_LOOKAHEAD, MAX_LOOKAHEAD
 from .artifact import MANIFEST, STEP, STEP_NOSCORES, sha256_file
 
 TIMING_CACHE = "tensorrt.timing_cache"  # inside the artifact, not hashed: it only speeds builds
@@ -50,15 +51,19 @@ class TrtBuildConfig:
 
 @dataclass(frozen=True)
 class Profile:
-    """One optimization profile: (min, opt, max) of the batch and of the step length T."""
+    """One optimization profile: (min, opt, max) of the batch, of the step length T and of
+    the scoring rotations R (score_position_ids [B, R, T], the scored graph's only)."""
 
     name: str
     batch: tuple[int, int, int]
     steps: tuple[int, int, int]
+    rotations: tuple[int, int, int]
 
-    def covers(self, batch: int, steps: int) -> bool:
+    def covers(self, batch: int, steps: int, rotations: int = 0) -> bool:
+        """rotations 0: the graph takes no score_position_ids."""
         return (self.batch[0] <= batch <= self.batch[2]
-                and self.steps[0] <= steps <= self.steps[2])
+                and self.steps[0] <= steps <= self.steps[2]
+                and (rotations == 0 or self.rotations[0] <= rotations <= self.rotations[2]))
 
 
 def default_opt_batch(max_batch: int) -> int:
@@ -69,18 +74,24 @@ def default_opt_batch(max_batch: int) -> int:
 def profile_specs(prefix: int, max_batch: int, opt_batch: int) -> list[Profile]:
     """Decode (T = 1) and, when the prefix is longer than one token, prefill (T = prefix)."""
     batch = (1, opt_batch, max_batch)
-    profiles = [Profile("decode", batch, (1, 1, 1))]
+    profiles = [Profile("decode", batch, (1, 1, 1), (1, DEFAULT_LOOKAHEAD, MAX_LOOKAHEAD))]
     if prefix > 1:
-        profiles.append(Profile("prefill", batch, (2, prefix, prefix)))
+        profiles.append(Profile("prefill", batch, (2, prefix, prefix),
+                                (1, 1, MAX_LOOKAHEAD)))
     return profiles
 
 
 def dynamic_roles(inputs: list[dict]) -> dict[str, str]:
-    """The graph's symbolic dim names -> 'batch' / 'steps', read off input_ids [B, T]."""
+    """The graph's symbolic dim names -> 'batch' / 'steps' / 'rotations', read off input_ids
+    [B, T] and score_position_ids [B, R, T]."""
     ids = next((spec for spec in inputs if spec["name"] == "input_ids"), None)
     if ids is None or len(ids["shape"]) != 2 or not all(isinstance(d, str) for d in ids["shape"]):
         raise ValueError("the step graph's input_ids must have the symbolic shape [B, T]")
-    return {ids["shape"][0]: "batch", ids["shape"][1]: "steps"}
+    roles = {ids["shape"][0]: "batch", ids["shape"][1]: "steps"}
+    scored = next((spec for spec in inputs if spec["name"] == "score_position_ids"), None)
+    if scored is not None and len(scored["shape"]) == 3 and isinstance(scored["shape"][1], str):
+        roles.setdefault(scored["shape"][1], "rotations")
+    return roles
 
 
 def input_shape_ranges(inputs: list[dict], profile: Profile) -> dict[str, tuple[Shape, ...]]:

@@ -6,6 +6,11 @@ import math
 
 import torch
 
+# Scoring rotations (LineAR's lookahead lines) a step graph may take: TensorRT profiles and
+# the exporter need a bound on score_position_ids' second dimension.
+MAX_LOOKAHEAD = 8
+DEFAULT_LOOKAHEAD = 3  # LineAR's default (README sweep); TensorRT's optimum for the bound
+
 
 def cached_attention(
     q: torch.Tensor,
@@ -21,8 +26,9 @@ def cached_attention(
 
     q [B, H, T, D]; k, v [B, Hkv, T, D] (post-RoPE); past_* [B, Hkv, C, D]; live [B or 1, C].
     Returns the attention output [B, T, H*D] and the mass per past slot [B, H, C] (float32).
-    `score_q` (like q; default q) are the queries the mass is measured with: LineAR rotates
-    them to positions lines ahead, to rank slots by what later lines will read.
+    `score_q` [B, H, R, T, D] (default q) are the queries the mass is measured with, summed
+    over R rotations: LineAR rotates the step's queries to positions 1..R lines ahead, to rank
+    slots by what later lines will read.
     Query heads are grouped by the kv head they share, so the cache is never repeated.
     """
     probs = _attention_probs(q, k, past_key, live, scale)
@@ -30,25 +36,39 @@ def cached_attention(
     capacity = past_key.shape[-2]
     past_probs, own_probs = probs[..., :capacity], probs[..., capacity:]
     out = past_probs.to(v.dtype) @ past_value + own_probs.to(v.dtype) @ v
-    out = out.view(batch, n_head, steps, head_dim).transpose(1, 2)
+    out = out.view(batch, n_head, steps, head_dim).transpose(1, 2).reshape(batch, steps, -1)
+    queries = steps
     if score_q is not None:
-        past_probs = _attention_probs(score_q, k, past_key, live, scale)[..., :capacity]
-    mass = past_probs.view(batch, n_head, steps, capacity).sum(dim=2)
-    return out.reshape(batch, steps, -1), mass
+        rotations = score_q.shape[2]
+        queries = rotations * steps
+        # Row r * T + t of the flattened queries is step t: it sees own tokens up to t.
+        own_step = torch.arange(steps, device=q.device).expand(rotations, steps).reshape(-1)
+        past_probs = _attention_probs(score_q.flatten(2, 3), k, past_key, live, scale,
+                                      own_step)[..., :capacity]
+    mass = past_probs.view(batch, n_head, queries, capacity).sum(dim=2)
+    return out, mass
 
 
 def _attention_probs(q: torch.Tensor, k: torch.Tensor, past_key: torch.Tensor,
-                     live: torch.Tensor, scale: float | None) -> torch.Tensor:
-    """Softmax over [past slots, own tokens], float32, [B, Hkv, G*T, C + T]."""
+                     live: torch.Tensor, scale: float | None,
+                     own_step: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax over [past slots, own tokens], float32, [B, Hkv, G*S, C + T].
+
+    q has S queries; `own_step` [S] says which of the step's T tokens each one is (default:
+    S = T, query t is token t), so it sees the step's own tokens up to that one.
+    """
     batch, n_head, steps, head_dim = q.shape
     n_kv_head = k.shape[1]
     group = n_head // n_kv_head
     q = q.reshape(batch, n_kv_head, group * steps, head_dim)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    past_scores = ((q * scale) @ past_key.transpose(-1, -2)).float()  # [B, Hkv, G*T, C]
+    past_scores = ((q * scale) @ past_key.transpose(-1, -2)).float()  # [B, Hkv, G*S, C]
     past_scores = past_scores.masked_fill(~live.view(live.shape[0], 1, 1, -1), -math.inf)
-    own_scores = ((q * scale) @ k.transpose(-1, -2)).float()  # [B, Hkv, G*T, T]
-    causal = torch.ones(steps, steps, dtype=torch.bool, device=q.device).tril()
+    own_scores = ((q * scale) @ k.transpose(-1, -2)).float()  # [B, Hkv, G*S, T]
+    if own_step is None:
+        causal = torch.ones(steps, steps, dtype=torch.bool, device=q.device).tril()
+    else:
+        causal = torch.arange(k.shape[2], device=q.device)[None, :] <= own_step[:, None]
     own_scores = own_scores.masked_fill(~causal.repeat(group, 1), -math.inf)
     return torch.softmax(torch.cat([past_scores, own_scores], dim=-1), dim=-1)
 

@@ -53,7 +53,8 @@ class Attention(nn.Module):
                 score_cos_sin: torch.Tensor | None = None):
         """q [B, H, T, D], k and v [B, Hkv, T, D]; q and k after RoPE.
 
-        With `score_cos_sin`, also the same queries rotated to those (score) positions.
+        With `score_cos_sin` [B, R, T, ...], also the queries rotated to those (score)
+        positions, [B, H, R, T, D].
         """
         batch, steps, _ = x.shape
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
@@ -65,7 +66,9 @@ class Attention(nn.Module):
         projected = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if score_cos_sin is None:
             return projected
-        return *projected, apply_rope(q_raw, score_cos_sin).transpose(1, 2)
+        rotations = score_cos_sin.shape[1]
+        tiled = q_raw.unsqueeze(1).expand(-1, rotations, -1, -1, -1)  # [B, R, T, H, D]
+        return *projected, apply_rope(tiled, score_cos_sin).permute(0, 3, 1, 2, 4)
 
     def step(
         self,
@@ -168,12 +171,17 @@ class GPT(nn.Module):
         input_ids, position_ids [B, T]; past_key/past_value [L, B, Hkv, C, D]; cache_len [] or
         [B]. Returns logits [B, V] float32, present_key/present_value [L, B, Hkv, T, D] and
         attn_mass [L, B, H, C] float32. `inputs_embeds` [B, T, dim] replaces the embedding of
-        input_ids (a caption prefix, which is no token). `score_position_ids` [B, T] (default
-        position_ids): where the queries that measure attn_mass are rotated to.
+        input_ids (a caption prefix, which is no token). `score_position_ids` [B, R, T]
+        (default position_ids): where the queries that measure attn_mass are rotated to, R
+        rotations of each; attn_mass sums over them.
         """
         live = live_slots(past_key.shape[3], cache_len)
         cos_sin = self.rope[position_ids]
-        score_cos_sin = None if score_position_ids is None else self.rope[score_position_ids]
+        score_cos_sin = None
+        if score_position_ids is not None:
+            # [B, T] is one rotation: [B, 1, T].
+            score_cos_sin = self.rope[score_position_ids.view(score_position_ids.shape[0], -1,
+                                                              position_ids.shape[-1])]
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.to(cos_sin.device)
         keys, values, masses = [], [], []
         for index, layer in enumerate(self.layers):

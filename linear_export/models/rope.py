@@ -25,13 +25,13 @@ def rope_table_2d(layout: SequenceLayout, head_dim: int, base: float) -> torch.T
 
 
 def apply_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, T, H, D] by cos_sin [B, T, D/2, 2].
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [..., T, H, D] by cos_sin [..., T, D/2, 2].
 
     Computed in float32 and cast back, as the original does.
     """
     pairs = x.float().reshape(*x.shape[:-1], -1, 2)
-    cos = cos_sin[..., 0].unsqueeze(2)  # broadcast over heads
-    sin = cos_sin[..., 1].unsqueeze(2)
+    cos = cos_sin[..., 0].unsqueeze(-2)  # broadcast over heads
+    sin = cos_sin[..., 1].unsqueeze(-2)
     real = pairs[..., 0] * cos - pairs[..., 1] * sin
     imag = pairs[..., 1] * cos + pairs[..., 0] * sin
-    return torch.stack([real, imag], dim=-1).flatten(3).type_as(x)
+    return torch.stack([real, imag], dim=-1).flatten(-2).type_as(x)

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
@@ -51,20 +51,52 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
+KNOBS = {field.name: field for field in fields(PolicyConfig) if field.name not in ("name",
+                                                                                 "budget")}
+
+
 def parse_policy(spec: str, layout: SequenceLayout) -> Policy:
-    """'full', 'linear:1/4', 'streaming:96', 'window:4lines' -> a validated Policy."""
-    name, _, budget = spec.strip().partition(":")
+    """'full', 'linear:1/4', 'streaming:96', 'linear:1/4:lookahead=0' -> a validated Policy.
+
+    Knobs are PolicyConfig fields, `:name=value` after the budget, so one bench run can put
+    two settings of a policy side by side.
+    """
+    name, *parts = spec.strip().split(":")
+    budget = parts.pop(0) if parts and "=" not in parts[0] else ""
     if name not in POLICIES:
         raise UserError(f"Unknown policy '{spec}' in --policies; use NAME or NAME:BUDGET with "
                         f"NAME one of {', '.join(POLICIES)}, e.g. linear:1/4.")
     if name == "full":
-        if budget:
-            raise UserError(f"Policy '{spec}': full keeps the whole cache and takes no budget.")
+        if budget or parts:
+            raise UserError(f"Policy '{spec}': full keeps the whole cache and takes no budget "
+                            "or knobs.")
         return Policy(PolicyConfig("full"), layout)
     try:
-        return Policy(PolicyConfig(name, budget=parse_budget(budget or "1/4", layout)), layout)
+        knobs = dict(_knob(part) for part in parts)
+        return Policy(PolicyConfig(name, budget=parse_budget(budget or "1/4", layout), **knobs),
+                      layout)
     except UserError as error:  # say which spec: the budget's own message names --budget
         raise UserError(f"In --policies '{spec}': {error}") from None
+
+
+def _knob(text: str) -> tuple[str, object]:
+    """'lookahead=0' -> ('lookahead', 0), typed like the PolicyConfig field's default."""
+    key, _, value = text.partition("=")
+    key = key.replace("-", "_")
+    if key not in KNOBS or not value:
+        raise UserError(f"'{text}' is not a policy knob; give name=value with name one of "
+                        f"{', '.join(KNOBS)}.")
+    default = KNOBS[key].default
+    if isinstance(default, bool):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise UserError(f"Knob {key} takes true or false, not '{value}'.")
+        return key, value.lower() in ("true", "1")
+    if isinstance(default, str):
+        return key, value
+    try:
+        return key, int(value)
+    except ValueError:
+        raise UserError(f"Knob {key} takes a whole number, not '{value}'.") from None
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
+from ..models.attention import DEFAULT_LOOKAHEAD, MAX_LOOKAHEAD
 from ..models.configs import SequenceLayout
 
 POLICIES = ("full", "linear", "streaming", "h2o", "window")
@@ -29,7 +30,7 @@ class PolicyConfig:
     granularity: str = "head"  # linear/h2o: select per (layer, head) or per layer
     cfg_share: bool = False  # cond and uncond rows share one selection
     score_queries: int = 0  # linear: score with the line's last k queries (0: all of them)
-    lookahead: int = 2  # linear: score with those queries rotated this many lines ahead
+    lookahead: int = DEFAULT_LOOKAHEAD  # linear: score with them rotated 1..lookahead lines down
     sinks: int = 4  # streaming: first image tokens always kept (attention sinks)
     recent_tokens: int | None = None  # h2o: recent window (None: half the budget)
 
@@ -53,8 +54,9 @@ class Policy:
         if config.name not in POLICIES:
             known = ", ".join(POLICIES)
             raise UserError(f"Unknown policy '{config.name}'; choose one of: {known}.")
-        if config.lookahead < 0:
-            raise UserError(f"--lookahead {config.lookahead} is negative; give 0 or more lines.")
+        if not 0 <= config.lookahead <= MAX_LOOKAHEAD:
+            raise UserError(f"--lookahead {config.lookahead} is out of range; give 0 to "
+                            f"{MAX_LOOKAHEAD} lines.")
         if config.granularity not in ("head", "layer"):
             raise UserError(f"Unknown granularity '{config.granularity}'; use head or layer.")
         self.config, self.layout = config, layout
@@ -105,19 +107,21 @@ class Policy:
         return min(layout.prefix + self.budget + layout.width, layout.length)
 
     def score_positions(self, positions: torch.Tensor, last_position: int) -> torch.Tensor | None:
-        """Where the scoring queries are rotated to: `lookahead` lines below `positions`.
+        """Where the scoring queries are rotated to: 1, 2, .. `lookahead` lines below.
 
         Kept slots can never come back, so LineAR ranks them by what later lines will read,
-        not by what the finished line read: its queries are rotated (RoPE) as if they sat
-        `lookahead` lines further down, in the same column, never past `last_position` (the
-        last image token's model position). None: measure in place.
+        not by what the finished line read: its queries [B, T] are rotated (RoPE) as if they
+        sat 1..`lookahead` lines further down, in the same column, never past `last_position`
+        (the last image token's model position), and the mass is summed over the rotations.
+        Returns [B, lookahead, T]; None: measure in place.
         """
         ahead = self.config.lookahead if self.score_mode == "line" else 0
         if ahead == 0:
             return None
         width = self.layout.width
         lines_left = torch.div(last_position - positions, width, rounding_mode="floor")
-        return positions + lines_left.clamp(min=0, max=ahead) * width
+        return torch.stack([positions + lines_left.clamp(min=0, max=lines) * width
+                            for lines in range(1, ahead + 1)], dim=1)
 
     @property
     def score_mode(self) -> str | None:

@@ -76,7 +76,8 @@ class HFDecoderStep(nn.Module):
         score_q = None
         if score_cos_sin is not None:
             score_cos, score_sin = (table.unsqueeze(1) for table in score_cos_sin)
-            score_q = q * score_cos + rotate_half(q) * score_sin
+            tiled = q.unsqueeze(2)  # [B, H, 1, T, D] against tables [B, 1, R, T, D]
+            score_q = tiled * score_cos + rotate_half(tiled) * score_sin
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -96,7 +97,8 @@ class HFDecoderStep(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The DESIGN.md step: logits over image codes [B, K], present K/V, attn_mass.
 
-        `score_position_ids` (default position_ids): where attn_mass's queries are rotated to.
+        `score_position_ids` [B, R, T] (default position_ids): where attn_mass's queries are
+        rotated to, R rotations of each; the mass sums over them.
         """
         live = live_slots(past_key.shape[3], cache_len)
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
@@ -104,9 +106,10 @@ class HFDecoderStep(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, h.dtype)
         score_cos_sin = None
         if score_position_ids is not None:
+            score_position_ids = score_position_ids.view(score_position_ids.shape[0], -1,
+                                                         h.shape[1])
             score_cos_sin = rope_cos_sin(self.inv_freq,
-                                         score_position_ids.expand(h.shape[0], h.shape[1]),
-                                         h.dtype)
+                                         score_position_ids.expand(h.shape[0], -1, -1), h.dtype)
         keys, values, masses = [], [], []
         for index, layer in enumerate(self.layers):
             out, k, v, mass = self._attention(layer.self_attn, layer.input_layernorm(h), cos, sin,
