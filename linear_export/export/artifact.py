@@ -30,7 +30,7 @@ from .onnx_step import (
     export_step,
 )
 
-SCHEMA_VERSION = 3  # 2: the scored step takes score_position_ids; 3: of length R * T
+SCHEMA_VERSION = 3  # 2: the scored step takes score_position_ids; 3: shaped [B, R, T]
 MANIFEST = "manifest.json"
 STEP = "step.onnx"
 STEP_DATA = "step.onnx.data"
