@@ -29,14 +29,18 @@ from linear_export.runtime.budget import parse_budget
 from linear_export.runtime.policies import Policy, PolicyConfig
 
 
+def teacher_sequence(model: GPT, tokens: torch.Tensor, labels: list[int]):
+    """Image codes [B, N], the whole sequence's ids (class token first) and its RoPE tables."""
+    images = tokens.reshape(len(labels), -1)
+    ids = torch.cat([torch.tensor(labels)[:, None] + model.config.vocab_size, images], 1)
+    return images, ids, model.rope[torch.arange(ids.shape[1]).expand_as(ids)]
+
+
 @torch.inference_mode()
 def future_attention(model: GPT, tokens: torch.Tensor, labels: list[int]) -> torch.Tensor:
     """[L, B, Hkv, lines, keys]: attention each image line's queries pay each key (full cache)."""
     config, layout = model.config, model.layout
-    images = tokens.reshape(len(labels), -1)
-    ids = torch.cat([torch.tensor(labels)[:, None] + config.vocab_size, images], 1)
-    positions = torch.arange(ids.shape[1]).expand_as(ids)
-    cos_sin = model.rope[positions]
+    _, ids, cos_sin = teacher_sequence(model, tokens, labels)
     hidden, per_layer = model.embed(ids), []
     causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()
     for layer in model.layers:
@@ -55,27 +59,31 @@ def future_attention(model: GPT, tokens: torch.Tensor, labels: list[int]) -> tor
     return torch.stack(per_layer)
 
 
+def ranking_lines(finished_line: int, count: int) -> slice:
+    """The image lines after `finished_line` whose attention ranks the keys (0: all)."""
+    return slice(finished_line + 1, finished_line + 1 + count if count else None)
+
+
 class OraclePolicy(Policy):
     """LineAR's selection with priorities from the future's attention instead of scores."""
 
     def __init__(self, config: PolicyConfig, layout, future: torch.Tensor, later_lines: int):
         super().__init__(config, layout)
-        self.future, self.later_lines = future, later_lines or layout.height
+        self.future, self.later_lines = future, later_lines
 
     def select(self, positions, scores, finished_line, cfg):
-        lines = slice(finished_line + 1, finished_line + 1 + self.later_lines)
-        later = self.future[:, :, :, lines].sum(3)  # [L, B, Hkv, keys]
+        later = self.future[:, :, :, ranking_lines(finished_line, self.later_lines)].sum(3)
         priority = later.gather(-1, positions.clamp(max=later.shape[-1] - 1))
         return super().select(positions, priority, finished_line, cfg)
 
 
 def oracle_visibility(future: torch.Tensor, policy: Policy, pool_heads: bool,
-                      later_lines: int = 0) -> torch.Tensor:
+                      count: int = 0) -> torch.Tensor:
     """[L, B, Hkv, N, N] bool: the keys each query sees under the oracle's evictions.
 
     Line f's eviction (after its last token is cached) hides keys from the queries of lines
     f + 1 on; evicted keys never come back. `pool_heads`: a layer's kv heads share one budget.
-    `later_lines`: how many later lines' attention ranks the keys (0: all of them).
+    `count`: how many later lines' attention ranks the keys (0: all of them).
     """
     layout = policy.layout
     layers, batch, heads = future.shape[:3]
@@ -89,8 +97,7 @@ def oracle_visibility(future: torch.Tensor, policy: Policy, pool_heads: bool,
         cached = alive & (image_index <= newest)
         if int((cached & (image_index >= 0)).sum(-1).max()) <= policy.budget:
             continue
-        later = slice(finished + 1, finished + 1 + later_lines if later_lines else None)
-        priority = future[:, :, :, later].sum(3)[..., :length]
+        priority = future[:, :, :, ranking_lines(finished, count)].sum(3)[..., :length]
         recent = image_index > newest - policy.recent_lines * width
         priority = priority.masked_fill((image_index < 0) | recent, math.inf)
         priority = priority.masked_fill(~cached, -math.inf)
@@ -111,9 +118,7 @@ def masked_nll(model: GPT, tokens: torch.Tensor, labels: list[int],
                visible: torch.Tensor | None) -> torch.Tensor:
     """Teacher-forced NLL per image [B] with per-(layer, kv head) visibility (None: causal)."""
     config, layout = model.config, model.layout
-    images = tokens.reshape(len(labels), -1)
-    ids = torch.cat([torch.tensor(labels)[:, None] + config.vocab_size, images], 1)
-    cos_sin = model.rope[torch.arange(ids.shape[1]).expand_as(ids)]
+    images, ids, cos_sin = teacher_sequence(model, tokens, labels)
     group = config.n_head // config.kv_heads
     causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()
     hidden = model.embed(ids)

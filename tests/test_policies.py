@@ -139,20 +139,17 @@ def test_linear_recent_lines_default_to_one_then_half_the_budget() -> None:
 
 def test_linear_lookahead_moves_scoring_queries_down_whole_lines_within_the_image() -> None:
     layout = LAYOUT  # 6 lines of 4 after a prefix of 2: the last image position is 25
-    last = layout.prefix + layout.image_tokens - 1
-    positions = torch.tensor([[2], [9], [18], [21], [25]])  # lines 0, 1, 4, 4 and 5
+    positions = [2, 9, 18, 21, 25]  # lines 0, 1, 4, 4 and 5
     ahead = Policy(PolicyConfig("linear", budget=8, lookahead=2), layout)
-    moved = ahead.score_positions(positions, last)
-    # [B, R, T]: one, then two lines down where the image has them, fewer near its end,
-    # never another column.
-    assert moved.tolist() == [[[6], [10]], [[13], [17]], [[22], [22]], [[25], [25]],
-                              [[25], [25]]]
-    assert torch.equal((moved - positions[:, None]) % layout.width, torch.zeros_like(moved))
-    steps = torch.tensor([[2, 3]])  # a two-token step
-    assert ahead.score_positions(steps, last).tolist() == [[[6, 7], [10, 11]]]
-    assert Policy(PolicyConfig("linear", budget=8, lookahead=0), layout).score_positions(
-        positions, last) is None
-    assert Policy(PolicyConfig("h2o", budget=8), layout).score_positions(positions, last) is None
+    moved = [[position + shift for shift in ahead.score_shifts((position - 2) // 4)]
+             for position in positions]
+    # One, then two lines down where the image has them, fewer near its end, never another
+    # column.
+    assert moved == [[6, 10], [13, 17], [22, 22], [25, 25], [25, 25]]
+    assert all((to - position) % layout.width == 0
+               for position, row in zip(positions, moved, strict=True) for to in row)
+    assert Policy(PolicyConfig("linear", budget=8, lookahead=0), layout).score_shifts(0) is None
+    assert Policy(PolicyConfig("h2o", budget=8), layout).score_shifts(0) is None
     for bad in (-1, MAX_LOOKAHEAD + 1):
         with pytest.raises(UserError, match=f"--lookahead {bad} is out of range"):
             Policy(PolicyConfig("linear", budget=8, lookahead=bad), layout)

@@ -137,15 +137,14 @@ def generate(
     # Prefill feeds each group's prefix; then one step per image-region token (the last one
     # is never fed). Lines are `lines.width` tokens: the image codes plus any end-of-line.
     need_scores = policy.needs_scores(-1)
+    score_shift = line_shift = shift_line = None  # LineAR's lookahead shifts, once per line
     for index in range(lines.image_tokens):
         logits, evicted = None, False
         for stream in streams:
             extra = {} if stream.inputs_embeds is None else {"inputs_embeds":
                                                              stream.inputs_embeds}
-            if need_scores:
-                last = stream.group.image_position + lines.image_tokens - 1
-                extra["score_position_ids"] = stream.policy.score_positions(stream.positions,
-                                                                            last)
+            if score_shift is not None:  # [1, R, 1]: positions -> score_position_ids
+                extra["score_position_ids"] = stream.positions[:, None] + score_shift
             out = engine.step(stream.input_ids, stream.positions, stream.cache, need_scores,
                               **extra)
             # The check syncs with the device: on accelerators run it once per line only
@@ -206,6 +205,12 @@ def generate(
             stream.slots = step_slots[index: index + 1] + stream.group.prefix  # no copy
             stream.inputs_embeds = None
         need_scores = policy.needs_scores(index)
+        line = index // lines.width  # the line of the next query, token `index`
+        if need_scores and line != shift_line:  # host->device once per line, not per step
+            shifts, shift_line = policy.score_shifts(line), line
+            line_shift = None if shifts is None else torch.tensor(
+                shifts, device=device).view(1, -1, 1)
+        score_shift = line_shift if need_scores else None
     bar.update(1)
     bar.close()
     seconds = time.perf_counter() - started

@@ -106,22 +106,21 @@ class Policy:
             return layout.length
         return min(layout.prefix + self.budget + layout.width, layout.length)
 
-    def score_positions(self, positions: torch.Tensor, last_position: int) -> torch.Tensor | None:
-        """Where the scoring queries are rotated to: 1, 2, .. `lookahead` lines below.
+    def score_shifts(self, query_line: int) -> list[int] | None:
+        """How far the scoring queries of image line `query_line` are moved: 1, 2, ..
+        `lookahead` lines down, in positions.
 
         Kept slots can never come back, so LineAR ranks them by what later lines will read,
-        not by what the finished line read: its queries [B, T] are rotated (RoPE) as if they
-        sat 1..`lookahead` lines further down, in the same column, never past `last_position`
-        (the last image token's model position), and the mass is summed over the rotations.
-        Returns [B, lookahead, T]; None: measure in place.
+        not by what the finished line read: its queries are rotated (RoPE) as if they sat
+        1..`lookahead` lines further down, in the same column, never past the last image line,
+        and the mass is summed over the rotations. Constant within a line, so the host loop
+        works it out once per line. None: measure in place.
         """
         ahead = self.config.lookahead if self.score_mode == "line" else 0
         if ahead == 0:
             return None
-        width = self.layout.width
-        lines_left = torch.div(last_position - positions, width, rounding_mode="floor")
-        return torch.stack([positions + lines_left.clamp(min=0, max=lines) * width
-                            for lines in range(1, ahead + 1)], dim=1)
+        lines_left = max(self.layout.height - 1 - query_line, 0)
+        return [min(lines, lines_left) * self.layout.width for lines in range(1, ahead + 1)]
 
     @property
     def score_mode(self) -> str | None:
