@@ -9,7 +9,13 @@ It prints the held-out ΔNLL of the oracle beside LineAR's and window's, as `eva
 `--pool-heads` also bounds budgets that differ between a layer's kv heads (the same total):
 the runtime cannot run those (every head holds cache_len slots), so that oracle's NLL comes
 from a teacher-forced forward pass with each head's visibility mask. The same pass with the
-uniform oracle's masks is printed too, as a check that it agrees with the runtime.
+uniform oracle's masks is printed too, as a check that it agrees with the runtime. With it,
+the same pass also runs the oracle with *fixed* per-head budgets: how many slots each
+(line, layer, kv head) keeps, averaged from the pooled oracle on other images
+(`--calibration-start`), as a static allocation would be shipped with a model.
+
+`--blame` asks where LineAR's ranking loses: the oracle's selection everywhere, except
+LineAR's own scores in one (layer, kv head) at a time, through the runtime.
 
     python scripts/oracle_selection.py --budgets 1/2,1/4,1/8 --heldout 100 [--pool-heads]
 """
@@ -65,25 +71,33 @@ def ranking_lines(finished_line: int, count: int) -> slice:
 
 
 class OraclePolicy(Policy):
-    """LineAR's selection with priorities from the future's attention instead of scores."""
+    """LineAR's selection with priorities from the future's attention instead of scores.
 
-    def __init__(self, config: PolicyConfig, layout, future: torch.Tensor, later_lines: int):
+    `linear_heads`: (layer, kv head) pairs that keep LineAR's own scores (for --blame).
+    """
+
+    def __init__(self, config: PolicyConfig, layout, future: torch.Tensor, later_lines: int,
+                 linear_heads: tuple[tuple[int, int], ...] = ()):
         super().__init__(config, layout)
-        self.future, self.later_lines = future, later_lines
+        self.future, self.later_lines, self.linear_heads = future, later_lines, linear_heads
 
     def select(self, positions, scores, finished_line, cfg):
         later = self.future[:, :, :, ranking_lines(finished_line, self.later_lines)].sum(3)
-        priority = later.gather(-1, positions.clamp(max=later.shape[-1] - 1))
+        priority = later.gather(-1, positions.clamp(max=later.shape[-1] - 1)).to(scores)
+        for layer, head in self.linear_heads:
+            priority[layer, :, head] = scores[layer, :, head]
         return super().select(positions, priority, finished_line, cfg)
 
 
-def oracle_visibility(future: torch.Tensor, policy: Policy, pool_heads: bool,
+def oracle_visibility(future: torch.Tensor, policy: Policy, allocation: str | torch.Tensor,
                       count: int = 0) -> torch.Tensor:
     """[L, B, Hkv, N, N] bool: the keys each query sees under the oracle's evictions.
 
     Line f's eviction (after its last token is cached) hides keys from the queries of lines
-    f + 1 on; evicted keys never come back. `pool_heads`: a layer's kv heads share one budget.
-    `count`: how many later lines' attention ranks the keys (0: all of them).
+    f + 1 on; evicted keys never come back. `allocation`: "uniform" (every head keeps the
+    budget), "pooled" (a layer's kv heads share one budget) or fixed image tokens per head
+    after each line, [lines, L, Hkv]. `count`: how many later lines' attention ranks the keys
+    (0: all of them).
     """
     layout = policy.layout
     layers, batch, heads = future.shape[:3]
@@ -102,7 +116,12 @@ def oracle_visibility(future: torch.Tensor, policy: Policy, pool_heads: bool,
         priority = priority.masked_fill((image_index < 0) | recent, math.inf)
         priority = priority.masked_fill(~cached, -math.inf)
         keep = prefix + policy.budget
-        if pool_heads:
+        if isinstance(allocation, torch.Tensor):
+            order = priority.argsort(-1, descending=True)
+            ranks = torch.arange(length).expand_as(order)
+            rank = torch.empty_like(order).scatter_(-1, order, ranks)
+            kept = rank < prefix + allocation[finished][:, None, :, None]
+        elif allocation == "pooled":
             flat = priority.flatten(2)
             kept = torch.zeros_like(flat).scatter_(-1, flat.topk(heads * keep).indices, 1)
             kept = kept.view_as(priority).bool()
@@ -111,6 +130,38 @@ def oracle_visibility(future: torch.Tensor, policy: Policy, pool_heads: bool,
         alive = (kept & cached) | (image_index > newest)
         visible[..., prefix + newest + 1:, :] &= alive[..., None, :]
     return visible
+
+
+def static_budgets(pooled: torch.Tensor, policy: Policy) -> torch.Tensor:
+    """[lines, L, Hkv] image tokens each head keeps after each line: the pooled oracle's mean
+    over its images ([L, B, Hkv, N, N] visibility), rounded to the budget per layer."""
+    layout = policy.layout
+    prefix, width, heads = layout.prefix, layout.width, pooled.shape[2]
+    floor = policy.recent_lines * width
+    budgets = []
+    for finished in range(layout.height):
+        cached = (finished + 1) * width
+        if cached <= policy.budget or finished == layout.height - 1:
+            budgets.append(torch.full((pooled.shape[0], heads), min(cached, policy.budget)))
+            continue
+        first_query = prefix + cached
+        share = pooled[..., first_query, prefix:first_query].sum(-1).float().mean(1)
+        budgets.append(_round_per_layer(share, heads * policy.budget, floor, cached))
+    return torch.stack(budgets)
+
+
+def _round_per_layer(share: torch.Tensor, total: int, low: int, high: int) -> torch.Tensor:
+    """Integers within [low, high] proportional to `share` [L, Hkv], each row summing to total."""
+    target = share.clamp(min=low)
+    target = target / target.sum(-1, keepdim=True) * total
+    counts = target.floor().long().clamp(low, high)
+    for row, wanted in zip(counts, target, strict=True):  # largest remainders first
+        while int(row.sum()) != total:
+            step = 1 if int(row.sum()) < total else -1
+            room = (row < high) if step > 0 else (row > low)
+            gap = (wanted - row) * step
+            row[gap.masked_fill(~room, -math.inf).argmax()] += step
+    return counts
 
 
 @torch.inference_mode()
@@ -144,39 +195,58 @@ def masked_nll(model: GPT, tokens: torch.Tensor, labels: list[int],
               help="How many later lines the oracle reads (0: all of them).")
 @click.option("--pool-heads", is_flag=True,
               help="Also bound budgets that differ between a layer's kv heads (masked forward).")
-def main(budgets: str, heldout: int, real: int, later_lines: int, pool_heads: bool) -> None:
+@click.option("--calibration-start", type=int, default=1000, show_default=True,
+              help="With --pool-heads: where the images that fix per-head budgets start.")
+@click.option("--blame", is_flag=True,
+              help="Also the oracle with LineAR's scores in one (layer, kv head) at a time.")
+def main(budgets: str, heldout: int, real: int, later_lines: int, pool_heads: bool,
+         calibration_start: int, blame: bool) -> None:
     subject = demo_subject(heldout, real, seed=0)
     engine = subject.engine
-    layout = engine.layout
-    labels = list(subject.heldout_labels)
+    layout, model = engine.layout, engine.model
+    labels, heldout_tokens = list(subject.heldout_labels), subject.heldout_tokens
     settings = EvalSettings(batch_size=heldout)  # one batch: the oracle's rows are the images
-    future = future_attention(engine.model, subject.heldout_tokens, labels)
+    future = future_attention(model, heldout_tokens, labels)
 
     def nll(policy: Policy) -> float:
-        return teacher_forced_nll(engine, subject.heldout_tokens, labels, policy, settings,
+        return teacher_forced_nll(engine, heldout_tokens, labels, policy, settings,
                                   None).mean().item()
 
     full = nll(Policy(PolicyConfig("full"), layout))
     print(f"full NLL {full:.4f} nats/token on {heldout} held-out images")
+    if pool_heads:
+        masked_full = masked_nll(model, heldout_tokens, labels, None).mean().item()
+        calibration = demo_subject(heldout, calibration_start, seed=0)
+        calibration_future = future_attention(model, calibration.heldout_tokens,
+                                              list(calibration.heldout_labels))
     for budget in budgets.split(","):
-        tokens = parse_budget(budget, layout)
+        config = PolicyConfig("linear", budget=parse_budget(budget, layout))
         row = []
         for name, policy in (
-            ("oracle", OraclePolicy(PolicyConfig("linear", budget=tokens), layout, future,
-                                    later_lines)),
-            ("linear", Policy(PolicyConfig("linear", budget=tokens), layout)),
-            ("window", Policy(PolicyConfig("window", budget=tokens), layout)),
+            ("oracle", OraclePolicy(config, layout, future, later_lines)),
+            ("linear", Policy(config, layout)),
+            ("window", Policy(PolicyConfig("window", budget=config.budget), layout)),
         ):
             row.append(f"{name} {100 * (nll(policy) / full - 1):+.2f}%")
         if pool_heads:
-            model, heldout_tokens = engine.model, subject.heldout_tokens
-            masked_full = masked_nll(model, heldout_tokens, labels, None).mean().item()
-            policy = Policy(PolicyConfig("linear", budget=tokens), layout)
-            for name, pool in (("oracle (masked forward)", False), ("oracle, heads pooled", True)):
-                visible = oracle_visibility(future, policy, pool, later_lines)
+            policy = Policy(config, layout)
+            pooled = oracle_visibility(calibration_future, policy, "pooled", later_lines)
+            fixed = static_budgets(pooled, policy)
+            del pooled
+            for name, allocation in (("oracle (masked forward)", "uniform"),
+                                     ("oracle, heads pooled", "pooled"),
+                                     ("oracle, fixed per-head budgets", fixed)):
+                visible = oracle_visibility(future, policy, allocation, later_lines)
                 value = masked_nll(model, heldout_tokens, labels, visible).mean().item()
                 row.append(f"{name} {100 * (value / masked_full - 1):+.2f}%")
-        print(f"{budget}: " + ", ".join(row))
+        print(f"{budget}: " + ", ".join(row), flush=True)
+        if blame:
+            heads = range(model.config.kv_heads)
+            for layer in range(model.config.n_layer):
+                cells = [nll(OraclePolicy(config, layout, future, later_lines, ((layer, head),)))
+                         for head in heads]
+                print(f"  LineAR's scores in layer {layer}, kv head 0..: " + ", ".join(
+                    f"{100 * (value / full - 1):+.2f}%" for value in cells), flush=True)
 
 
 if __name__ == "__main__":
