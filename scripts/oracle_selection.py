@@ -133,20 +133,20 @@ def oracle_visibility(future: torch.Tensor, policy: Policy, allocation: str | to
 
 
 def static_budgets(pooled: torch.Tensor, policy: Policy) -> torch.Tensor:
-    """[lines, L, Hkv] image tokens each head keeps after each line: the pooled oracle's mean
-    over its images ([L, B, Hkv, N, N] visibility), rounded to the budget per layer."""
+    """[lines - 1, L, Hkv] image tokens each head keeps after each line but the last: the
+    pooled oracle's mean over its images ([L, B, Hkv, N, N] visibility), rounded per layer."""
     layout = policy.layout
     prefix, width, heads = layout.prefix, layout.width, pooled.shape[2]
-    floor = policy.recent_lines * width
     budgets = []
-    for finished in range(layout.height):
+    for finished in range(layout.height - 1):
         cached = (finished + 1) * width
-        if cached <= policy.budget or finished == layout.height - 1:
-            budgets.append(torch.full((pooled.shape[0], heads), min(cached, policy.budget)))
+        if cached <= policy.budget:  # nothing evicted yet
+            budgets.append(torch.full((pooled.shape[0], heads), cached))
             continue
         first_query = prefix + cached
         share = pooled[..., first_query, prefix:first_query].sum(-1).float().mean(1)
-        budgets.append(_round_per_layer(share, heads * policy.budget, floor, cached))
+        budgets.append(_round_per_layer(share, heads * policy.budget,
+                                        policy.recent_lines * width, cached))
     return torch.stack(budgets)
 
 
