@@ -8,6 +8,7 @@ import torch
 
 from linear_export.engines.torch import TorchEngine
 from linear_export.errors import UserError
+from linear_export.evaluation.oracle import masked_nll
 from linear_export.models.configs import SequenceLayout
 from linear_export.runtime.generate import generate
 from linear_export.runtime.policies import Policy, PolicyConfig
@@ -129,3 +130,77 @@ def test_teacher_forced_nll_matches_full_forward() -> None:
     assert abs(result.stats.nll_per_token - per_token.mean().item()) < 1e-5
     assert np.allclose(result.stats.nll_per_image, per_token.mean(1).tolist(), atol=1e-5)
     assert lines == [(0, 1 + 4), (1, 1 + 8), (2, 1 + 12)]
+
+
+def head_budget_table(layers: int, heads: int, skewed: bool) -> torch.Tensor:
+    """[5, L, Hkv] for a 6 x 4 grid at a budget of 8 tokens: lines 0-1 keep all, then 8 per
+    head, or (skewed) head 0 keeps 11, 12, 9 and head 1 keeps 5, 4, 7."""
+    table = torch.full((5, layers, heads), 8)
+    table[0] = 4
+    if skewed:
+        table[2:, :, 0] = torch.tensor([11, 12, 9])[:, None]
+        table[2:, :, 1] = torch.tensor([5, 4, 7])[:, None]
+    return table
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_head_shared_pool_with_equal_budgets_is_the_plain_cache(cfg_scale: float) -> None:
+    model = tiny_model("GPT-tiny-gqa", height=6, width=4)
+    config, engine = model.config, TorchEngine(model)
+    table = head_budget_table(config.n_layer, config.kv_heads, skewed=False)
+    truth = torch.randint(0, config.vocab_size, (3, 6, 4))
+    sampling = SamplingConfig(cfg_scale=cfg_scale)
+    plain = generate(engine, [1, 2, 3], policy("linear", model.layout, 8, recent_lines=1),
+                     sampling, teacher_tokens=truth)
+    pooled_policy = policy("linear", model.layout, 8, recent_lines=1, head_budgets=table)
+    assert pooled_policy.head_shared and pooled_policy.capacity == plain.stats.kv_capacity
+    pooled = generate(engine, [1, 2, 3], pooled_policy, sampling, teacher_tokens=truth)
+    assert pooled.stats.evictions == plain.stats.evictions == 3
+    np.testing.assert_allclose(pooled.stats.nll_per_image, plain.stats.nll_per_image,
+                               atol=1e-5, rtol=0)
+
+
+def test_head_shared_pool_keeps_each_heads_count_and_attends_to_what_it_holds() -> None:
+    """The runtime's NLL equals a plain forward pass in which each (layer, kv head) sees only
+    the keys that, by the cache after each line, its pool still holds."""
+    model = tiny_model("GPT-tiny-gqa", height=6, width=4)
+    config, layout = model.config, model.layout
+    table = head_budget_table(config.n_layer, config.kv_heads, skewed=True)
+    labels, truth = [1, 2, 3], torch.randint(0, config.vocab_size, (3, 6, 4))
+    held_after = {}
+
+    def record(line, cache):
+        live = cache.cache_len
+        index = cache.positions[..., :live].flatten(2)
+        held = []
+        for head in range(config.kv_heads):
+            mine = (cache.owner[..., :live] == head).flatten(2).long()
+            held.append(torch.zeros(*index.shape[:2], layout.length, dtype=torch.long)
+                        .scatter_add_(-1, index, mine) > 0)
+        held_after[line] = torch.stack(held, 2)  # [L, B, Hkv, length]
+
+    result = generate(TorchEngine(model), labels,
+                      policy("linear", layout, 8, recent_lines=1, head_budgets=table),
+                      SamplingConfig(cfg_scale=1.0), teacher_tokens=truth, on_line_end=record)
+    visible = torch.ones(layout.length, layout.length, dtype=torch.bool).tril().repeat(
+        config.n_layer, len(labels), config.kv_heads, 1, 1)
+    for line, held in sorted(held_after.items()):
+        assert torch.equal(held[..., 1:].sum(-1), table[line][:, None].expand_as(held[..., 0]))
+        first_query = layout.prefix + (line + 1) * layout.width
+        visible[..., first_query:, :first_query] &= held[..., None, :first_query]
+    masked = masked_nll(model, truth.flatten(1), labels, visible)
+    np.testing.assert_allclose(result.stats.nll_per_image, masked.tolist(), atol=1e-5, rtol=0)
+    uniform = generate(TorchEngine(model), labels, policy("linear", layout, 8, recent_lines=1),
+                       SamplingConfig(cfg_scale=1.0), teacher_tokens=truth)
+    assert abs(uniform.stats.nll_per_token - result.stats.nll_per_token) > 1e-4
+
+
+def test_head_budgets_are_checked_against_the_policy() -> None:
+    model = tiny_model("GPT-tiny-gqa", height=6, width=4)
+    table = head_budget_table(model.config.n_layer, model.config.kv_heads, skewed=True)
+    with pytest.raises(UserError, match="calibrate them again"):
+        policy("linear", model.layout, 12, recent_lines=1, head_budgets=table)
+    with pytest.raises(UserError, match="shape"):
+        policy("linear", model.layout, 8, recent_lines=1, head_budgets=table[1:])
+    with pytest.raises(UserError, match="granularity head"):
+        policy("h2o", model.layout, 8, head_budgets=table)

@@ -33,7 +33,7 @@ def check_cuda_graph_device(device: torch.device) -> None:
 @dataclass
 class _Captured:
     graph: torch.cuda.CUDAGraph
-    cache_pointers: tuple[int, int]
+    cache_pointers: tuple[int, int, int]
     input_ids: torch.Tensor  # [B, 1] static inputs, copied into before each replay
     position_ids: torch.Tensor
     score_position_ids: torch.Tensor  # [B, R, 1]: R scoring rotations of the one query
@@ -55,7 +55,7 @@ class DecodeGraphs:
         batch = input_ids.shape[0]
         scored = scoring_positions(position_ids, score_position_ids)
         key = (batch, scored.shape[1])
-        pointers = (cache.key.data_ptr(), cache.value.data_ptr())
+        pointers = _cache_pointers(cache)
         captured = self._graphs.get(key)
         if captured is None or captured.cache_pointers != pointers:
             self._graphs.pop(key, None)  # frees the old graph's memory pool first
@@ -77,7 +77,8 @@ class DecodeGraphs:
 
         def run() -> tuple[torch.Tensor, ...]:
             return self.model.step(input_ids, position_ids, cache.key, cache.value,
-                                   self.cache_len, score_position_ids=score_position_ids)
+                                   self.cache_len, score_position_ids=score_position_ids,
+                                   slot_owner=cache.owner)
 
         # Warm up on a side stream so lazy initialisation (cuBLAS handles, autotuning) is
         # not captured; the step never writes the cache, so running it here is harmless.
@@ -90,5 +91,11 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             outputs = run()
-        return _Captured(graph, (cache.key.data_ptr(), cache.value.data_ptr()), input_ids,
-                         position_ids, score_position_ids, outputs)
+        return _Captured(graph, _cache_pointers(cache), input_ids, position_ids,
+                         score_position_ids, outputs)
+
+
+def _cache_pointers(cache: KVCache) -> tuple[int, int, int]:
+    """Where the graph reads the cache (keys, values, slot owners; compaction is in place)."""
+    owner = 0 if cache.owner is None else cache.owner.data_ptr()
+    return cache.key.data_ptr(), cache.value.data_ptr(), owner

@@ -56,5 +56,6 @@ class TorchEngine:
             embeds = None if inputs_embeds is None else inputs_embeds.to(self.device, self.dtype)
             logits, present_key, present_value, attn_mass = self.model.step(
                 input_ids, position_ids, cache.key, cache.value, self._cache_len,
-                inputs_embeds=embeds, score_position_ids=score_position_ids)
+                inputs_embeds=embeds, score_position_ids=score_position_ids,
+                slot_owner=cache.owner)
         return StepOutput(logits, present_key, present_value, attn_mass if need_scores else None)

@@ -21,6 +21,7 @@ def cached_attention(
     live: torch.Tensor,
     scale: float | None = None,
     score_q: torch.Tensor | None = None,
+    slot_owner: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attend over live cache slots plus the step's own tokens (causal among them).
 
@@ -30,9 +31,17 @@ def cached_attention(
     over R rotations: LineAR rotates the step's queries to positions 1..R lines ahead, to rank
     slots by what later lines will read.
     Query heads are grouped by the kv head they share, so the cache is never repeated.
+
+    `slot_owner` [B, Hkv, C] (int64): the head-shared pool, where a slot of row r may hold
+    the keys of another kv head (its owner), so heads can keep different numbers of slots.
+    Every head then reads all the layer's slots, masked to those it owns; the mass of slot
+    (r, c) is reported at query heads r * G .. r * G + G - 1, as if r were its owner, so the
+    host folds it per row exactly as without the pool.
     """
-    probs = _attention_probs(q, k, past_key, live, scale)
     batch, n_head, steps, head_dim = q.shape
+    if slot_owner is not None:
+        live, past_key, past_value = _pooled(live, slot_owner, past_key, past_value)
+    probs = _attention_probs(q, k, past_key, live, scale)
     capacity = past_key.shape[-2]
     past_probs, own_probs = probs[..., :capacity], probs[..., capacity:]
     out = past_probs.to(v.dtype) @ past_value + own_probs.to(v.dtype) @ v
@@ -46,7 +55,25 @@ def cached_attention(
         past_probs = _attention_probs(score_q.flatten(2, 3), k, past_key, live, scale,
                                       own_step)[..., :capacity]
     mass = past_probs.view(batch, n_head, queries, capacity).sum(dim=2)
+    if slot_owner is not None:
+        # [B, (owner, G), (row, C)]: only the owner's heads see a slot, the rest add zeros.
+        n_kv_head, slots = slot_owner.shape[1:]
+        mass = mass.view(batch, n_kv_head, n_head // n_kv_head, n_kv_head, slots).sum(1)
+        mass = mass.transpose(1, 2).reshape(batch, n_head, slots)
     return out, mass
+
+
+def _pooled(live: torch.Tensor, slot_owner: torch.Tensor, past_key: torch.Tensor,
+            past_value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layer's slots as one pool [B, 1, Hkv * C, D] and, per kv head, the live slots it
+    owns [B, Hkv, Hkv * C]."""
+    batch, n_kv_head, capacity = slot_owner.shape
+    heads = torch.arange(n_kv_head, device=slot_owner.device).view(1, -1, 1)
+    owned = slot_owner.reshape(batch, 1, -1) == heads
+    live_rows = live.view(live.shape[0], 1, capacity).expand(-1, n_kv_head, -1)
+    visible = owned & live_rows.reshape(live.shape[0], 1, -1)
+    return (visible, past_key.reshape(batch, 1, -1, past_key.shape[-1]),
+            past_value.reshape(batch, 1, -1, past_value.shape[-1]))
 
 
 def _attention_probs(q: torch.Tensor, k: torch.Tensor, past_key: torch.Tensor,
@@ -54,7 +81,8 @@ def _attention_probs(q: torch.Tensor, k: torch.Tensor, past_key: torch.Tensor,
                      own_step: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax over [past slots, own tokens], float32, [B, Hkv, G*S, C + T].
 
-    q has S queries; `own_step` [S] says which of the step's T tokens each one is (default:
+    `live` [B or 1, C], or [B or 1, Hkv, C] when each kv head sees its own slots. q has S
+    queries; `own_step` [S] says which of the step's T tokens each one is (default:
     S = T, query t is token t), so it sees the step's own tokens up to that one.
     """
     batch, n_head, steps, head_dim = q.shape
@@ -63,7 +91,9 @@ def _attention_probs(q: torch.Tensor, k: torch.Tensor, past_key: torch.Tensor,
     q = q.reshape(batch, n_kv_head, group * steps, head_dim)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     past_scores = ((q * scale) @ past_key.transpose(-1, -2)).float()  # [B, Hkv, G*S, C]
-    past_scores = past_scores.masked_fill(~live.view(live.shape[0], 1, 1, -1), -math.inf)
+    heads_seen = live.shape[1] if live.dim() == 3 else 1
+    past_scores = past_scores.masked_fill(~live.view(live.shape[0], heads_seen, 1, -1),
+                                          -math.inf)
     own_scores = ((q * scale) @ k.transpose(-1, -2)).float()  # [B, Hkv, G*S, T]
     if own_step is None:
         causal = torch.ones(steps, steps, dtype=torch.bool, device=q.device).tril()

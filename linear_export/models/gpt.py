@@ -78,17 +78,20 @@ class Attention(nn.Module):
         past_value: torch.Tensor,
         live: torch.Tensor,
         score_cos_sin: torch.Tensor | None = None,
+        slot_owner: torch.Tensor | None = None,
     ):
         """Attend over live cache slots plus this step's own tokens (causal among them).
 
         Returns the block output, this step's k and v, and the attention mass per past slot
-        (measured with queries at the `score_cos_sin` positions when given).
+        (measured with queries at the `score_cos_sin` positions when given). `slot_owner`
+        [B, Hkv, C]: the kv head each slot belongs to (head-shared pool; None: its row).
         """
         if score_cos_sin is None:
             (q, k, v), score_q = self.project(x, cos_sin), None
         else:
             q, k, v, score_q = self.project(x, cos_sin, score_cos_sin)
-        out, mass = cached_attention(q, k, v, past_key, past_value, live, score_q=score_q)
+        out, mass = cached_attention(q, k, v, past_key, past_value, live, score_q=score_q,
+                                     slot_owner=slot_owner)
         return self.wo(out), k, v, mass
 
     def full(self, x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
@@ -165,6 +168,7 @@ class GPT(nn.Module):
         cache_len: torch.Tensor,
         inputs_embeds: torch.Tensor | None = None,
         score_position_ids: torch.Tensor | None = None,
+        slot_owner: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One decode step (DESIGN.md contract).
 
@@ -173,7 +177,8 @@ class GPT(nn.Module):
         attn_mass [L, B, H, C] float32. `inputs_embeds` [B, T, dim] replaces the embedding of
         input_ids (a caption prefix, which is no token). `score_position_ids` [B, R, T]
         (default position_ids): where the queries that measure attn_mass are rotated to, R
-        rotations of each; attn_mass sums over them.
+        rotations of each; attn_mass sums over them. `slot_owner` [L, B, Hkv, C] int64: the kv
+        head whose keys each slot holds (the head-shared pool; None: the slot's own row).
         """
         live = live_slots(past_key.shape[3], cache_len)
         cos_sin = self.rope[position_ids]
@@ -187,7 +192,7 @@ class GPT(nn.Module):
         for index, layer in enumerate(self.layers):
             attn_out, k, v, mass = layer.attention.step(
                 layer.attention_norm(h), cos_sin, past_key[index], past_value[index], live,
-                score_cos_sin,
+                score_cos_sin, None if slot_owner is None else slot_owner[index],
             )
             h = h + attn_out
             h = h + layer.feed_forward(layer.ffn_norm(h))

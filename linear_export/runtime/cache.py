@@ -34,14 +34,23 @@ class KVCache:
     Slots [0, cache_len) are live and `cache_len` is the same for every (layer, row, head):
     every eviction keeps the same number of slots everywhere and compacts them to the front,
     so new tokens always land at `cache_len`.
+
+    With `head_shared`, the kv heads of a layer share its Hkv * C slots: `owner` [L, B, Hkv, C]
+    says whose keys each slot holds, so one head may keep more than C slots and another
+    fewer (`compact_pooled`). New tokens still land in their own head's row.
     """
 
-    def __init__(self, shape: CacheShape, dtype: torch.dtype, device: str | torch.device = "cpu"):
+    def __init__(self, shape: CacheShape, dtype: torch.dtype, device: str | torch.device = "cpu",
+                 head_shared: bool = False):
         self.shape, self.dtype = shape, dtype
         dims = (shape.n_layer, shape.batch, shape.n_kv_head, shape.capacity)
         self.key = torch.zeros(*dims, shape.head_dim, dtype=dtype, device=device)
         self.value = torch.zeros_like(self.key)
         self.positions = torch.full(dims, -1, dtype=torch.long, device=device)
+        self.owner = None
+        if head_shared:
+            rows = torch.arange(shape.n_kv_head, device=device).view(1, 1, -1, 1)
+            self.owner = rows.expand(dims).contiguous()
         self.cache_len = 0
         self.peak_len = 0
 
@@ -84,4 +93,30 @@ class KVCache:
         for tensor in (self.positions, *per_slot):
             tensor[..., :kept] = torch.gather(tensor[..., : self.cache_len], 3, keep)
             tensor[..., kept:] = -1 if tensor is self.positions else 0
+        self.cache_len = kept
+
+    def compact_pooled(self, keep: torch.Tensor, *per_slot: torch.Tensor) -> None:
+        """Keep slots `keep` [L, B, Hkv * K] of the head-shared pool, moved to the front.
+
+        `keep` indexes a layer's live slots read row by row (row r's slot c is r * cache_len
+        + c), in any mix of owners; they are laid out row by row again, K per row, and each
+        keeps its owner. `per_slot` tensors [L, B, Hkv, C] move the same way.
+        """
+        if self.owner is None:
+            raise ValueError("compact_pooled needs a cache made with head_shared=True")
+        heads, live = self.shape.n_kv_head, self.cache_len
+        if keep.shape[-1] % heads:
+            raise ValueError(f"{keep.shape[-1]} kept slots do not fill {heads} rows evenly")
+        kept = keep.shape[-1] // heads
+        index = keep.unsqueeze(-1).expand(-1, -1, -1, self.shape.head_dim)
+        for cache in (self.key, self.value):
+            pool = cache[:, :, :, :live].flatten(2, 3)
+            cache[:, :, :, :kept] = torch.gather(pool, 2, index).unflatten(2, (heads, kept))
+        for tensor in (self.positions, self.owner, *per_slot):
+            pool = tensor[..., :live].flatten(2, 3)
+            tensor[..., :kept] = torch.gather(pool, 2, keep).unflatten(2, (heads, kept))
+            if tensor is self.owner:  # new tokens land in their own head's row
+                tensor[..., kept:] = torch.arange(heads, device=tensor.device)[:, None]
+            else:
+                tensor[..., kept:] = -1 if tensor is self.positions else 0
         self.cache_len = kept

@@ -80,10 +80,28 @@ def _streams(engine: Engine, groups: list[PrefixGroup], policy: Policy,
             scores = torch.zeros(shape.n_layer, shape.batch, shape.n_kv_head, shape.capacity,
                                  device=device)
         streams.append(_Stream(
-            group, torch.tensor(group.rows, device=device), KVCache(shape, engine.dtype, device),
+            group, torch.tensor(group.rows, device=device),
+            KVCache(shape, engine.dtype, device, head_shared=own.head_shared),
             own, scores, group.input_ids, group.position_ids,
             torch.arange(group.prefix, device=device), group.inputs_embeds))
     return streams
+
+
+def _evict(stream: _Stream, finished_line: int, cfg: bool) -> bool:
+    """The policy's line-end eviction on one stream's cache; whether anything was evicted."""
+    cache, scores, live = stream.cache, stream.scores, stream.cache.cache_len
+    live_scores = scores[..., :live] if scores is not None else None
+    if cache.owner is not None:
+        keep = stream.policy.select_pooled(cache.positions[..., :live], cache.owner[..., :live],
+                                           live_scores, finished_line, cfg)
+        if keep is not None:
+            cache.compact_pooled(keep, scores)
+    else:
+        keep = stream.policy.select(cache.positions[..., :live], live_scores,
+                                    finished_line=finished_line, cfg=cfg)
+        if keep is not None:
+            cache.compact(keep, *(() if scores is None else (scores,)))
+    return keep is not None
 
 
 def generate(
@@ -160,13 +178,7 @@ def generate(
                 scores += out.attn_mass.view(*scores.shape[:3], group_size, -1).sum(3)
             if index > 0 and index % lines.width == 0:  # line index // L - 1 is now cached
                 finished = index // lines.width - 1
-                live = stream.cache.cache_len
-                keep = stream.policy.select(stream.cache.positions[..., :live],
-                                            scores[..., :live] if scores is not None else None,
-                                            finished_line=finished, cfg=sampling.uses_cfg)
-                if keep is not None:
-                    stream.cache.compact(keep, *(() if scores is None else (scores,)))
-                    evicted = True
+                evicted |= _evict(stream, finished, sampling.uses_cfg)
                 if stream.policy.score_mode == "line":
                     scores.zero_()
                 if on_line_end is not None:

@@ -7,7 +7,7 @@ functions of slot positions and attention scores.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,6 +33,9 @@ class PolicyConfig:
     lookahead: int = DEFAULT_LOOKAHEAD  # linear: score with them rotated 1..lookahead lines down
     sinks: int = 4  # streaming: first image tokens always kept (attention sinks)
     recent_tokens: int | None = None  # h2o: recent window (None: half the budget)
+    # linear: image tokens each kv head keeps after each line but the last, [lines - 1, L, Hkv]
+    # (runtime/head_budgets.py); the heads of a layer then share its slots (head-shared pool).
+    head_budgets: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
 
 def auto_recent_lines(budget_lines: int) -> int:
@@ -89,6 +92,31 @@ class Policy:
         if config.name == "h2o" and not 0 <= self.recent_tokens <= self.budget:
             raise UserError(f"The H2O recent window ({self.recent_tokens}) must lie within the "
                             f"budget ({self.budget}).")
+        if config.head_budgets is not None:
+            self._check_head_budgets(config.head_budgets)
+
+    def _check_head_budgets(self, table: torch.Tensor) -> None:
+        config, layout = self.config, self.layout
+        if config.name != "linear" or config.granularity != "head":
+            raise UserError("Per-head budgets need --policy linear with --granularity head.")
+        if table.dim() != 3 or table.shape[0] != layout.height - 1:
+            raise UserError(f"The head budgets have shape {list(table.shape)}, not [lines - 1 = "
+                            f"{layout.height - 1}, layers, kv heads]; calibrate them for this "
+                            "model's grid.")
+        floor = config.anchor + self.recent_lines * layout.width
+        for line, counts in enumerate(table):
+            cached = (line + 1) * layout.width
+            wanted = counts.shape[-1] * min(cached, self.budget)
+            if (counts.sum(-1) != wanted).any() or counts.min() < min(floor, cached):
+                raise UserError(
+                    f"The head budgets after line {line} do not keep {wanted} image tokens per "
+                    f"layer with at least {floor} per head (anchor + recent lines); they were "
+                    f"calibrated for another budget or --recent-lines, so calibrate them again.")
+
+    @property
+    def head_shared(self) -> bool:
+        """Whether the kv heads of a layer share its cache slots (per-head budgets)."""
+        return self.config.head_budgets is not None and self.evicts
 
     @property
     def name(self) -> str:
@@ -147,9 +175,47 @@ class Policy:
         positions: the sequence position each live slot holds, [L, B, Hkv, n];
         scores: attention mass per live slot (same shape), for score-based policies.
         """
+        if positions.shape[-1] - self.layout.prefix <= self.budget:
+            return None
+        priority = self.priority(positions, scores, finished_line, cfg)
+        keep = torch.topk(priority, self.layout.prefix + self.budget, dim=-1, sorted=False).indices
+        return keep.sort(dim=-1).values
+
+    def select_pooled(self, positions: torch.Tensor, owner: torch.Tensor, scores: torch.Tensor,
+                      finished_line: int, cfg: bool) -> torch.Tensor | None:
+        """Slots to keep [L, B, Hkv * K] of a head-shared pool, ascending, or None to keep all:
+        each kv head keeps its own count (`head_budgets`), the layer keeps Hkv * K in all.
+
+        positions, owner, scores: [L, B, Hkv, n] over the live slots; row r's slot c is
+        r * n + c in the result. A head that owns fewer slots than its count keeps them all,
+        and the layer's remaining slots go to the best of the other heads' slots.
+        """
         layout = self.layout
         if positions.shape[-1] - layout.prefix <= self.budget:
             return None
+        heads = positions.shape[2]
+        priority = self.priority(positions, scores, finished_line, cfg).flatten(2)
+        owner = owner.flatten(2)
+        # Each slot's rank among its owner's slots: order by priority, then (stably) by owner.
+        order = torch.sort(priority, dim=-1, descending=True, stable=True).indices
+        order = order.gather(-1, torch.sort(owner.gather(-1, order), dim=-1, stable=True).indices)
+        grouped_owner = owner.gather(-1, order)
+        head_ids = torch.arange(heads, device=owner.device).expand(*owner.shape[:2], heads)
+        first = torch.searchsorted(grouped_owner, head_ids.contiguous())
+        grouped_rank = torch.arange(owner.shape[-1], device=owner.device) - first.gather(
+            -1, grouped_owner)
+        rank = torch.empty_like(grouped_rank).scatter_(-1, order, grouped_rank)
+        counts = self.config.head_budgets[finished_line].to(owner.device) + layout.prefix
+        counts = counts[:, None, :].expand(*owner.shape[:2], heads)
+        chosen = rank < counts.gather(-1, owner)
+        total = heads * (layout.prefix + self.budget)
+        keep = torch.topk(priority.masked_fill(chosen, ALWAYS), total, dim=-1, sorted=False)
+        return keep.indices.sort(dim=-1).values
+
+    def priority(self, positions: torch.Tensor, scores: torch.Tensor | None, finished_line: int,
+                 cfg: bool) -> torch.Tensor:
+        """Priority per live slot [L, B, Hkv, n]: higher is kept first, +inf always."""
+        layout = self.layout
         image_index = (positions - layout.prefix).float()
         newest = (finished_line + 1) * layout.width - 1
         if self.name == "linear":
@@ -166,9 +232,7 @@ class Policy:
         else:  # window: the newest whole lines
             keep_always = torch.zeros_like(image_index, dtype=torch.bool)
             priority = image_index
-        priority = priority.masked_fill(keep_always | (image_index < 0), ALWAYS)
-        keep = torch.topk(priority, layout.prefix + self.budget, dim=-1, sorted=False).indices
-        return keep.sort(dim=-1).values
+        return priority.masked_fill(keep_always | (image_index < 0), ALWAYS)
 
     def shared(self, scores: torch.Tensor, cfg: bool) -> torch.Tensor:
         """Scores pooled over the dimensions that share one selection (heads, CFG halves)."""
