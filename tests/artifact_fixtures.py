@@ -27,21 +27,22 @@ def model_for(name: str = "GPT-tiny", dtype: torch.dtype = torch.float32, seed: 
 
 def built(name: str = "GPT-tiny", dtype: torch.dtype = torch.float32,
           with_noscores: bool = False, capacity: int | None = None,
-          split_cache: bool = False) -> Path:
+          split_cache: bool = False, head_shared: bool = False) -> Path:
     """An artifact of a tiny model (std 0.2 weights, seed 0); read-only for tests: copy it first."""
     capacity = capacity or model_for(name).layout.length
-    return _built(name, dtype, with_noscores, capacity, split_cache)
+    return _built(name, dtype, with_noscores, capacity, split_cache, head_shared)
 
 
 @functools.cache  # keyed on the normalised arguments, however the caller spelled them
 def _built(name: str, dtype: torch.dtype, with_noscores: bool, capacity: int,
-           split_cache: bool) -> Path:
+           split_cache: bool, head_shared: bool) -> Path:
     model = model_for(name, dtype)
-    out = _ROOT / f"{name}-{str(dtype)[6:]}-{capacity}-{int(with_noscores)}-{int(split_cache)}"
+    out = _ROOT / (f"{name}-{str(dtype)[6:]}-{capacity}-{int(with_noscores)}-{int(split_cache)}"
+                   f"-{int(head_shared)}")
     build_artifact(model, out, model_name=name, image_size=SIDE * model.config.downsample,
                    weights={"source": "random", "seed": 0, "std": 0.2}, capacity=capacity,
                    build_options={"policy": "full", "budget": None}, max_batch=8,
-                   with_noscores=with_noscores, split_cache=split_cache)
+                   with_noscores=with_noscores, split_cache=split_cache, head_shared=head_shared)
     return out
 
 

@@ -37,7 +37,7 @@ def test_manifest_fields() -> None:
     artifact = load_artifact(built(**TINY))
     manifest = artifact.manifest
     model = model_for()
-    assert manifest["schema_version"] == SCHEMA_VERSION == 3
+    assert manifest["schema_version"] == SCHEMA_VERSION == 4
     assert manifest["model"]["name"] == "GPT-tiny"
     assert manifest["model"]["config"] == asdict(model.config)
     assert manifest["layout"] == {"prefix": 1, "height": 6, "width": 6}

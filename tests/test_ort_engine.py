@@ -160,3 +160,47 @@ def test_optimized_model_is_cached_beside_the_artifact(tmp_path, monkeypatch) ->
     loaded.clear()
     OrtEngine(directory)
     assert str(directory / "step.onnx") in loaded
+
+
+def skewed_head_budgets(model) -> torch.Tensor:
+    """[5, L, 2] for the 6 x 6 grid at a 2-line budget: after lines 2-4, kv head 0 keeps
+    15, 18, 14 image tokens and head 1 keeps 9, 6, 10 (the layer's 24 in all)."""
+    table = torch.full((5, model.config.n_layer, 2), 12)
+    table[0] = 6
+    table[2:, :, 0] = torch.tensor([15, 18, 14])[:, None]
+    table[2:, :, 1] = torch.tensor([9, 6, 10])[:, None]
+    return table
+
+
+def test_head_shared_artifact_runs_per_head_budgets_as_torch_does() -> None:
+    model = model_for("GPT-tiny-gqa")
+    engine = OrtEngine(built("GPT-tiny-gqa", capacity=19, split_cache=True, with_noscores=True,
+                             head_shared=True))
+    assert engine.artifact.head_shared and engine.artifact.manifest["schema_version"] == 4
+    layout = model.layout
+    pooled = Policy(PolicyConfig("linear", budget=12, head_budgets=skewed_head_budgets(model)),
+                    layout)
+    plain = Policy(PolicyConfig("linear", budget=12), layout)
+    assert pooled.capacity == plain.capacity == engine.capacity
+    truth = torch.randint(0, model.config.vocab_size, (3, 6, 6))
+    teacher = SamplingConfig(cfg_scale=1.0)
+    for policy in (pooled, plain):  # a plain cache runs on it too, each slot its row's own
+        want = generate(TorchEngine(model), [1, 2, 3], policy, teacher, teacher_tokens=truth)
+        got = generate(engine, [1, 2, 3], policy, teacher, teacher_tokens=truth)
+        assert got.stats.evictions == want.stats.evictions == 3
+        torch.testing.assert_close(torch.tensor(got.stats.nll_per_image),
+                                   torch.tensor(want.stats.nll_per_image), atol=1e-5, rtol=0)
+        want = generate(TorchEngine(model), [4, 5], policy, GREEDY)
+        assert torch.equal(generate(engine, [4, 5], policy, GREEDY).tokens, want.tokens)
+    uniform = generate(TorchEngine(model), [1, 2, 3], plain, teacher, teacher_tokens=truth)
+    skewed = generate(TorchEngine(model), [1, 2, 3], pooled, teacher, teacher_tokens=truth)
+    assert abs(uniform.stats.nll_per_token - skewed.stats.nll_per_token) > 1e-4
+
+
+def test_plain_artifact_refuses_per_head_budgets() -> None:
+    model, engine = model_for(), OrtEngine(built(**TINY))
+    table = torch.full((5, model.config.n_layer, model.config.kv_heads), 12)
+    table[0] = 6
+    pooled = Policy(PolicyConfig("linear", budget=12, head_budgets=table), model.layout)
+    with pytest.raises(UserError, match="--head-shared"):
+        generate(engine, [1], fit_policy(pooled, engine.capacity), GREEDY)

@@ -16,10 +16,11 @@ import torch
 
 from ..errors import UserError
 from ..export.artifact import Artifact, directory_mode, load_artifact
+from ..export.onnx_step import SLOT_OWNER
 from ..export.split_cache import layer_input
 from ..runtime.cache import KVCache
 from ..runtime.policies import Policy
-from .base import StepOutput, check_bound_cache, scoring_positions, without_scores
+from .base import StepOutput, check_bound_cache, scoring_positions, slot_owners, without_scores
 
 NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 CACHE_DIR = ".ort"  # optimized models, inside the artifact directory they were made from
@@ -45,7 +46,7 @@ class _Bound:
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     score_position_ids: torch.Tensor | None  # the scored variant's only
-    cache_pointers: tuple[int, int] | None = None
+    cache_pointers: tuple[int, ...] | None = None
 
 
 class OrtEngine:
@@ -98,6 +99,7 @@ class OrtEngine:
                             "CUDA version, or use --device cpu.")
         self._bindings: dict[tuple[bool, int, int], _Bound] = {}
         self._cache_len = torch.zeros((), dtype=torch.long, device=self.device)
+        self._identity_owners: dict[torch.Size, torch.Tensor] = {}  # see slot_owners()
 
     def _options(self) -> ort.SessionOptions:
         options = ort.SessionOptions()
@@ -197,10 +199,14 @@ class OrtEngine:
 
     def _bind_cache(self, bound: _Bound, cache: KVCache) -> None:
         """Bind the cache in place (zero-copy), again only when it is another tensor."""
-        pointers = (cache.key.data_ptr(), cache.value.data_ptr())
+        owners = slot_owners(self, cache) if self.artifact.head_shared else None
+        pointers = (cache.key.data_ptr(), cache.value.data_ptr(),
+                    0 if owners is None else owners.data_ptr())
         if bound.cache_pointers == pointers:
             return
         self._bind_cache_inputs(bound.binding, cache)
+        if owners is not None:
+            self._bind(bound.binding.bind_input, SLOT_OWNER, owners)
         bound.cache_pointers = pointers
 
     def _bind_cache_inputs(self, binding: ort.IOBinding, cache: KVCache) -> None:

@@ -14,10 +14,11 @@ import torch
 
 from ..errors import UserError
 from ..export.artifact import STEP, STEP_NOSCORES, Artifact, load_artifact
+from ..export.onnx_step import SLOT_OWNER
 from ..export.split_cache import CACHE_INPUTS, layer_input
 from ..export.tensorrt import Profile, check_plan_compatible, require_tensorrt
 from ..runtime.cache import KVCache
-from .base import StepOutput, check_bound_cache, scoring_positions, without_scores
+from .base import StepOutput, check_bound_cache, scoring_positions, slot_owners, without_scores
 
 
 @dataclass
@@ -102,6 +103,7 @@ class TrtEngine:
                                           self.stream.cuda_stream)
         self._bindings: dict[tuple[bool, int, int], _Bound] = {}
         self._cache_len = torch.zeros((), dtype=torch.long, device=self.device)
+        self._identity_owners: dict[torch.Size, torch.Tensor] = {}  # see slot_owners()
 
     def has_noscores(self) -> bool:
         return False in self.plans
@@ -132,6 +134,8 @@ class TrtEngine:
                    "cache_len": self._cache_len}
         if bound.score_position_ids is not None:
             tensors["score_position_ids"] = bound.score_position_ids
+        if self.artifact.head_shared:
+            tensors[SLOT_OWNER] = slot_owners(self, cache)
         for name, whole in zip(CACHE_INPUTS, (cache.key, cache.value), strict=True):
             if self.artifact.split_cache:  # each layer's slice of the same storage
                 tensors.update({layer_input(name, layer): whole[layer]
@@ -166,7 +170,9 @@ class TrtEngine:
         if scored is not None:
             bound.score_position_ids.copy_(scored.expand(batch, -1, -1), non_blocking=True)
         self._cache_len.fill_(cache.cache_len)  # a fill kernel: no host round trip
-        key = (batch, steps, rotations, cache.key.data_ptr(), cache.value.data_ptr())
+        owners = slot_owners(self, cache) if self.artifact.head_shared else None
+        key = (batch, steps, rotations, cache.key.data_ptr(), cache.value.data_ptr(),
+               0 if owners is None else owners.data_ptr())
         if plan.last_key[index] != key:  # shapes and addresses change per (B, T) and cache
             tensors = self._tensors(bound, cache)
             for name in plan.inputs:

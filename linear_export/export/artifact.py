@@ -30,7 +30,10 @@ from .onnx_step import (
     export_step,
 )
 
-SCHEMA_VERSION = 3  # 2: the scored step takes score_position_ids; 3: shaped [B, R, T]
+# 2: the scored step takes score_position_ids; 3: shaped [B, R, T]; 4: a head-shared pool's
+# step takes slot_owner (build["head_shared"]). Version 3 artifacts read as before.
+SCHEMA_VERSION = 4
+READABLE_VERSIONS = (3, 4)
 MANIFEST = "manifest.json"
 STEP = "step.onnx"
 STEP_DATA = "step.onnx.data"
@@ -117,6 +120,11 @@ class Artifact:
         return int(self.manifest["build"]["max_batch"])
 
     @property
+    def head_shared(self) -> bool:
+        """Whether the step graphs take slot_owner: a head-shared cache pool (per-head budgets)."""
+        return bool(self.manifest["build"].get("head_shared", False))
+
+    @property
     def split_cache(self) -> bool:
         """Whether the graphs take one cache input per layer (past_key.0, ...)."""
         return self.manifest["build"].get("cache_inputs", "stacked") == "per-layer"
@@ -150,6 +158,7 @@ def build_artifact(
     with_noscores: bool = False,
     opset: int = DEFAULT_OPSET,
     split_cache: bool = True,
+    head_shared: bool = False,
     force: bool = False,
     log: Callable[[str], None] = lambda line: None,
     vq_decoder: tuple[torch.nn.Module, dict] | None = None,
@@ -159,6 +168,7 @@ def build_artifact(
     `weights` says how to rebuild the reference model ({"source": "checkpoint", "path",
     "sha256"} or {"source": "random", "seed", "std"}); `build_options` records the policy.
     `split_cache`: one cache input per layer (bound in place; see export/split_cache.py).
+    `head_shared`: the steps take slot_owner, for per-head budgets (a head-shared pool).
     `vq_decoder`: (VQModel, record) adds `vq_decoder.onnx`; the record (model name, weights
     path and hash) goes into the manifest so verify can rebuild the PyTorch decoder.
     """
@@ -182,7 +192,8 @@ def build_artifact(
         started = time.perf_counter()
         log(f"exporting {STEP} (capacity {capacity}, {dtype_name}, opset {opset})")
         inputs, outputs = export_step(model, staging / STEP, capacity=capacity, max_batch=max_batch,
-                                      opset=opset, split_cache=split_cache)
+                                      opset=opset, split_cache=split_cache,
+                                      head_shared=head_shared)
         io = {STEP: {"inputs": [s.to_json() for s in inputs],
                      "outputs": [s.to_json() for s in outputs]}}
         if with_noscores:
@@ -190,7 +201,8 @@ def build_artifact(
             inputs, outputs = export_noscores_sharing(model, staging, staging / STEP,
                                                       capacity=capacity, max_batch=max_batch,
                                                       opset=opset, name=STEP_NOSCORES,
-                                                      split_cache=split_cache)
+                                                      split_cache=split_cache,
+                                                      head_shared=head_shared)
             io[STEP_NOSCORES] = {"inputs": [s.to_json() for s in inputs],
                                  "outputs": [s.to_json() for s in outputs]}
         caption_dim = getattr(model, "caption_dim", None)
@@ -217,6 +229,7 @@ def build_artifact(
         manifest = _manifest(model, model_name, image_size, dtype_name, capacity, opset, io,
                              weights, {**build_options, "max_batch": max_batch,
                                        "cache_inputs": CACHE_LAYOUTS[split_cache],
+                                       "head_shared": head_shared,
                                        "variants": sorted(io),
                                        "export_seconds": round(export_seconds, 3)},
                              _hash_files(staging))
@@ -298,7 +311,7 @@ def load_artifact(path: str | Path, *, check_hashes: bool = True) -> Artifact:
     except (ValueError, KeyError, TypeError):
         raise UserError(f"{MANIFEST} in '{path}' is corrupt (not a valid manifest); "
                         f"{REBUILD}.") from None
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         raise UserError(f"{MANIFEST} in '{path}' has schema version {version}, but this "
                         f"linear-export reads version {SCHEMA_VERSION}; {REBUILD}.")
     for required in (STEP, STEP_DATA):

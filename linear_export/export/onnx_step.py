@@ -14,12 +14,13 @@ import onnx
 import torch
 
 from ..models.attention import MAX_LOOKAHEAD
-from ..models.gpt import GPT, EmbedsPrefillModule, StepModule
+from ..models.gpt import GPT, EmbedsPrefillModule, PooledStepModule, StepModule
 from .split_cache import CACHE_INPUTS, layer_input, split_cache_inputs
 
 INPUT_NAMES = ("input_ids", "position_ids", "past_key", "past_value", "cache_len",
                "score_position_ids")
 OUTPUT_NAMES = ("logits", "present_key", "present_value", "attn_mass")
+SLOT_OWNER = "slot_owner"  # [L, B, Hkv, C] int64: the head-shared pool's owner of each slot
 DEFAULT_OPSET = 18
 BATCH, STEPS = "batch", "steps"  # the symbolic dims' names in the graph
 ROTATIONS = "rotations"  # score_position_ids [B, R, T]: R scoring rotations of each query
@@ -36,16 +37,21 @@ class TensorSpec:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
 
-def input_names(with_scores: bool) -> tuple[str, ...]:
-    """Only the scored variant takes score_position_ids (where attn_mass's queries sit)."""
-    return INPUT_NAMES if with_scores else INPUT_NAMES[:-1]
+def input_names(with_scores: bool, head_shared: bool = False) -> tuple[str, ...]:
+    """Only the scored variant takes score_position_ids (where attn_mass's queries sit); a
+    head-shared pool's step takes slot_owner after cache_len."""
+    names = INPUT_NAMES if with_scores else INPUT_NAMES[:-1]
+    if head_shared:
+        names = (*names[:5], SLOT_OWNER, *names[5:])
+    return names
 
 
 def output_names(with_scores: bool) -> tuple[str, ...]:
     return OUTPUT_NAMES if with_scores else OUTPUT_NAMES[:3]
 
 
-def example_inputs(model: GPT, capacity: int, with_scores: bool = True) -> tuple[torch.Tensor, ...]:
+def example_inputs(model: GPT, capacity: int, with_scores: bool = True,
+                   head_shared: bool = False) -> tuple[torch.Tensor, ...]:
     """B = T = 2 and R = 3: the dynamo exporter specialises any dimension whose example size
     is 1, and would tie two dimensions whose examples are equal."""
     config, batch, steps = model.config, 2, 2
@@ -61,6 +67,9 @@ def example_inputs(model: GPT, capacity: int, with_scores: bool = True) -> tuple
         torch.tensor(1, dtype=torch.long),
         torch.stack([positions + model.layout.width * lines for lines in (1, 2, 3)], dim=1),
     )
+    if head_shared:
+        owner = torch.arange(config.kv_heads).view(1, 1, -1, 1).expand(cache[:4]).contiguous()
+        inputs = (*inputs[:5], owner, inputs[5])
     return inputs if with_scores else inputs[:-1]
 
 
@@ -73,10 +82,12 @@ def export_step(
     max_batch: int = 64,
     opset: int = DEFAULT_OPSET,
     split_cache: bool = False,
+    head_shared: bool = False,
 ) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """Write `path` (+ `path.data`, all weights) and return its checked input/output specs.
 
     `split_cache`: per-layer cache inputs (see split_cache.py) instead of the stacked ones.
+    `head_shared`: the step of a head-shared cache pool, which also takes `slot_owner`.
     """
     if capacity < 2:
         raise ValueError(f"capacity {capacity} is too small to export (need at least 2 slots)")
@@ -90,10 +101,14 @@ def export_step(
         "past_key": {1: batch},
         "past_value": {1: batch},
         "cache_len": None,
+        SLOT_OWNER: {1: batch},
         "score_position_ids": {0: batch, 1: rotations, 2: steps},
     }
     if not with_scores:
         del dynamic_shapes["score_position_ids"]
+    if not head_shared:
+        del dynamic_shapes[SLOT_OWNER]
+    module = (PooledStepModule if head_shared else StepModule)(model, with_scores=with_scores)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), warnings.catch_warnings():
@@ -101,12 +116,12 @@ def export_step(
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", FutureWarning)
         torch.onnx.export(
-            StepModule(model, with_scores=with_scores).eval(),
-            example_inputs(model, capacity, with_scores),
+            module.eval(),
+            example_inputs(model, capacity, with_scores, head_shared),
             str(path),
             dynamo=True,
             opset_version=opset,
-            input_names=list(input_names(with_scores)),
+            input_names=list(input_names(with_scores, head_shared)),
             output_names=list(output_names(with_scores)),
             dynamic_shapes=dynamic_shapes,
             external_data=True,
@@ -115,7 +130,7 @@ def export_step(
     if split_cache:
         split_cache_inputs(path, model.config.n_layer)
     onnx.checker.check_model(str(path))  # the path form, so external data is checked too
-    return check_step_graph(path, model, capacity, with_scores, split_cache)
+    return check_step_graph(path, model, capacity, with_scores, split_cache, head_shared)
 
 
 def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
@@ -126,7 +141,8 @@ def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
 
 
 def check_step_graph(
-    path: Path, model: GPT, capacity: int, with_scores: bool, split_cache: bool = False
+    path: Path, model: GPT, capacity: int, with_scores: bool, split_cache: bool = False,
+    head_shared: bool = False,
 ) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """Fail loudly unless the IO is the contract's, symbolic in B and T, with no cache copy."""
     path = Path(path)
@@ -148,6 +164,7 @@ def check_step_graph(
         TensorSpec("position_ids", "int64", (BATCH, STEPS)),
         *caches,
         TensorSpec("cache_len", "int64", ()),
+        *([TensorSpec(SLOT_OWNER, "int64", cache[:4])] if head_shared else []),
         *([TensorSpec("score_position_ids", "int64", (BATCH, ROTATIONS, STEPS))]
           if with_scores else []),
         TensorSpec("logits", "float32", (BATCH, config.vocab_size)),
@@ -258,13 +275,14 @@ def _digest(data: bytes) -> bytes:
 
 def export_noscores_sharing(
     model: GPT, directory: Path, main: Path, *, capacity: int, max_batch: int, opset: int,
-    name: str = "step_noscores.onnx", split_cache: bool = False,
+    name: str = "step_noscores.onnx", split_cache: bool = False, head_shared: bool = False,
 ) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """Export the score-free variant into `directory/name`, sharing `main`'s weight file."""
     scratch = Path(tempfile.mkdtemp(dir=directory, prefix=".noscores."))
     try:
         specs = export_step(model, scratch / name, capacity=capacity, with_scores=False,
-                            max_batch=max_batch, opset=opset, split_cache=split_cache)
+                            max_batch=max_batch, opset=opset, split_cache=split_cache,
+                            head_shared=head_shared)
         share_external_data(scratch / name, main)
         # The graph now names main's data file, so it must sit beside it.
         os.replace(scratch / name, directory / name)

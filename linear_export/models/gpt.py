@@ -225,13 +225,28 @@ class StepModule(nn.Module):
     def forward(self, input_ids, position_ids, past_key, past_value, cache_len,
                 score_position_ids=None):
         """The scored variant takes `score_position_ids` too (the graph's last input)."""
+        return self.run(input_ids, position_ids, past_key, past_value, cache_len, None,
+                        score_position_ids)
+
+    def run(self, input_ids, position_ids, past_key, past_value, cache_len, slot_owner,
+            score_position_ids):
         logits, present_key, present_value, attn_mass = self.model.step(
             input_ids, position_ids, past_key, past_value, cache_len,
             score_position_ids=score_position_ids if self.with_scores else None,
+            slot_owner=slot_owner,
         )
         if self.with_scores:
             return logits, present_key, present_value, attn_mass
         return logits, present_key, present_value
+
+
+class PooledStepModule(StepModule):
+    """The step of a head-shared cache pool: `slot_owner` [L, B, Hkv, C] follows cache_len."""
+
+    def forward(self, input_ids, position_ids, past_key, past_value, cache_len, slot_owner,
+                score_position_ids=None):
+        return self.run(input_ids, position_ids, past_key, past_value, cache_len, slot_owner,
+                        score_position_ids)
 
 
 class EmbedsPrefillModule(nn.Module):
