@@ -43,6 +43,9 @@ def _register() -> None:
     from .demo import demo
 
     main.add_command(demo)
+    from .calibrate import calibrate
+
+    main.add_command(calibrate)
 
 
 _register()

@@ -46,10 +46,13 @@ def build_from_options(
     dtype: str, policy: str, budget: str, max_batch: int, with_noscores: bool, out: Path,
     force: bool, seed: int = 0, opset: int = DEFAULT_OPSET, split_cache: bool = False,
     echo=lambda line: None, vq_checkpoint: str | None = None, vq_model: str = "VQ-16",
-    family: str = "llamagen", max_prompt_tokens: int = 128,
+    family: str = "llamagen", max_prompt_tokens: int = 128, head_shared: bool = False,
 ):
     """Validate, load the weights, export: shared by `build` and `generate --engine ort`."""
     check_family(family, checkpoint)
+    if head_shared and family != "llamagen":
+        raise UserError(f"--head-shared serves per-head budgets, which run on LlamaGen "
+                        f"class-to-image models for now, not --family {family}; drop it.")
     if family in ("llamagen", "llamagen-t2i") and checkpoint is None and not random_weights:
         kind = "c2i" if family == "llamagen" else "t2i"
         raise UserError(f"No weights given; pass --checkpoint PATH (a LlamaGen {kind} GPT) or "
@@ -105,8 +108,8 @@ def build_from_options(
     artifact = build_artifact(
         model, out, model_name=model_name, image_size=image_size, weights=weights,
         capacity=chosen.capacity, build_options=options, max_batch=max_batch,
-        with_noscores=with_noscores, opset=opset, split_cache=split_cache, force=force,
-        log=stage, vq_decoder=vq_decoder,
+        with_noscores=with_noscores, opset=opset, split_cache=split_cache,
+        head_shared=head_shared, force=force, log=stage, vq_decoder=vq_decoder,
     )
     stage("done")
     return artifact
@@ -145,6 +148,10 @@ def build_from_options(
               help="stacked: past_key/past_value [L, B, Hkv, C, D], the contract's form; "
                    "per-layer: past_key.0 ... [B, Hkv, C, D], bound in place without the "
                    "per-step cache copy ONNX Runtime's Gather makes (faster on CPU).")
+@click.option("--head-shared", is_flag=True,
+              help="The step also takes slot_owner, so a layer's kv heads can share its cache "
+                   "slots: what per-head budgets (generate --head-budgets) need. Attention "
+                   "then reads every head's slots, masked to its own.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Artifact directory to create.")
 @click.option("--force", is_flag=True, help="Replace an existing artifact (once the new one is "
@@ -165,9 +172,9 @@ def build_from_options(
 @click.option("--trt-timing-cache", type=click.Path(dir_okay=False), default=None,
               help="Timing cache file shared across builds [default: one inside the artifact].")
 def build(checkpoint, family, max_prompt_tokens, random_weights, seed, model_name, image_size,
-          dtype, policy, budget, max_batch, with_noscores, opset, cache_inputs, out, force,
-          tensorrt, trt_opt_batch, trt_workspace, trt_tf32, trt_timing_cache, vq_checkpoint,
-          vq_model) -> None:
+          dtype, policy, budget, max_batch, with_noscores, opset, cache_inputs, head_shared, out,
+          force, tensorrt, trt_opt_batch, trt_workspace, trt_tf32, trt_timing_cache,
+          vq_checkpoint, vq_model) -> None:
     """Export the decode step to ONNX: an artifact directory for the ort engine and verify.
 
     Example: linear-export build --checkpoint c2i_B_256.pt --model GPT-B --policy linear
@@ -185,6 +192,7 @@ def build(checkpoint, family, max_prompt_tokens, random_weights, seed, model_nam
         with_noscores=with_noscores, seed=seed, opset=opset,
         split_cache=cache_inputs == "per-layer", echo=echo, vq_checkpoint=vq_checkpoint,
         vq_model=vq_model, family=family, max_prompt_tokens=max_prompt_tokens,
+        head_shared=head_shared,
     )
     if tensorrt:
         from ..export.tensorrt import GiB, TrtBuildConfig, build_with_plans, default_opt_batch
@@ -203,7 +211,8 @@ def build(checkpoint, family, max_prompt_tokens, random_weights, seed, model_nam
         f"Built {artifact.path}: {manifest['model']['family']} {manifest['model']['name']} "
         f"{image_size}px {dtype}, capacity "
         f"{artifact.capacity} slots ({manifest['build']['policy']}, "
-        f"{manifest['build']['cache_inputs']} cache inputs), export "
+        f"{manifest['build']['cache_inputs']} cache inputs"
+        f"{', head-shared pool' if artifact.head_shared else ''}), export "
         f"{manifest['build']['export_seconds']:.1f} s (total {time.perf_counter() - started:.1f}"
         f" s), {size / 2**20:.1f} MiB."
     )
@@ -234,10 +243,12 @@ def cached_artifact(
     else:
         weights = f"random:{seed}:{RANDOM_STD}"
     max_batch = max(64, rows)
-    key = json.dumps({"weights": weights, "model": model_name, "image_size": image_size,
-                      "dtype": dtype, "capacity": policy.capacity, "max_batch": max_batch,
-                      "opset": DEFAULT_OPSET, "cache_inputs": "per-layer",
-                      "tools": tool_versions()}, sort_keys=True)
+    key = {"weights": weights, "model": model_name, "image_size": image_size, "dtype": dtype,
+           "capacity": policy.capacity, "max_batch": max_batch, "opset": DEFAULT_OPSET,
+           "cache_inputs": "per-layer", "tools": tool_versions()}
+    if policy.head_shared:
+        key["head_shared"] = True
+    key = json.dumps(key, sort_keys=True)
     out = cache_root() / hashlib.sha256(key.encode()).hexdigest()[:20]
     if (out / "manifest.json").is_file():
         try:
@@ -252,4 +263,5 @@ def cached_artifact(
         image_size=image_size, dtype=dtype, policy=policy.name, budget=budget,
         max_batch=max_batch, with_noscores=False, out=out, force=True, seed=seed,
         split_cache=True, echo=echo,  # nobody sees this graph: the faster, copy-free form
+        head_shared=policy.head_shared,
     )

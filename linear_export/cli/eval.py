@@ -14,6 +14,7 @@ from ..evaluation.report import kept_cells_plot, markdown_table, metrics_plot, s
 from ..evaluation.sweep import EvalSettings, EvalSubject, run_sweep
 from ..models.families import FAMILIES
 from ..outputs import check_writable, json_bytes, write_directory
+from ..runtime.head_budgets import load_head_budgets
 from ..runtime.policies import POLICIES, PolicyConfig
 from ..runtime.sampling import SamplingConfig
 from .generate import DEMO_CFG_SCALE
@@ -100,6 +101,9 @@ def split_list(text: str) -> tuple[str, ...]:
 @click.option("--score-queries", type=int, default=PolicyConfig.score_queries, show_default=True)
 @click.option("--lookahead", type=int, default=PolicyConfig.lookahead, show_default=True,
               help="linear: score with the queries rotated 1..N lines ahead (0: in place).")
+@click.option("--head-budgets", type=click.Path(dir_okay=False), default=None,
+              help="linear: per-head budgets from linear-export calibrate, with a table for "
+                   "every evicting budget swept (a head-shared cache pool).")
 @click.option("--quick", is_flag=True,
               help="A small, fast run for CI: full and linear at budgets 1/1 and 1/4, one sample "
                    "per class.")
@@ -124,7 +128,8 @@ def split_list(text: str) -> tuple[str, ...]:
               help="llamagen-t2i: T5 caption features per prompt (.npy or .safetensors).")
 def eval_command(policies, budgets, samples_per_class, heldout, real, batch_size, cfg_scale,
                  top_k, temperature, seed, quick, out, force, family, checkpoint, model_name,
-                 image_size, max_prompt_tokens, prompts, caption_features, **knobs) -> None:
+                 image_size, max_prompt_tokens, prompts, caption_features, head_budgets,
+                 **knobs) -> None:
     """Evaluate LineAR against full cache, StreamingLLM, H2O and local windows on the demo model.
 
     Writes eval.json, eval.md, metrics.png, one samples_<policy>.png per policy, and
@@ -138,6 +143,11 @@ def eval_command(policies, budgets, samples_per_class, heldout, real, batch_size
     if family != "demo" and family not in FAMILIES[1:]:
         raise UserError(f"Unknown --family '{family}'; choose demo or one of: "
                         f"{', '.join(FAMILIES[1:])}.")
+    if head_budgets is not None and family != "demo":
+        raise UserError(f"--head-budgets runs on LlamaGen class-to-image models for now, not "
+                        f"--family {family}; drop it.")
+    if head_budgets is not None:
+        load_head_budgets(head_budgets)  # a bad file fails before the sweep starts
     if quick:
         samples_per_class, heldout, real = (QUICK["samples_per_class"], QUICK["heldout"],
                                             QUICK["real"])
@@ -156,7 +166,7 @@ def eval_command(policies, budgets, samples_per_class, heldout, real, batch_size
         policies=split_list(policies), budgets=split_list(budgets),
         samples_per_class=samples_per_class, batch_size=batch_size, seed=seed,
         sampling=SamplingConfig(cfg_scale=cfg_scale, top_k=top_k, temperature=temperature),
-        knobs=knobs,
+        knobs=knobs, head_budgets=head_budgets,
     )
     if family == "demo":
         subject = demo_subject(heldout, real, seed)

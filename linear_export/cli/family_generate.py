@@ -77,6 +77,9 @@ def generate_family(*, family: str, checkpoint: str | None, random_weights: bool
     `load_vq(config)`: LlamaGen's VQ decoder (--vq-checkpoint), for llamagen-t2i images.
     """
     check_family(family, checkpoint)
+    if knobs.get("head_budgets") is not None:
+        raise UserError(f"--head-budgets runs on LlamaGen class-to-image models for now, not "
+                        f"--family {family}; drop it.")
     if load_vq is not None and family != "llamagen-t2i":
         raise UserError(f"--vq-checkpoint decodes LlamaGen tokens; --family {family} "
                         + ("decodes with Janus's own VQ decoder from the model directory; "

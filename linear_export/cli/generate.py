@@ -208,7 +208,8 @@ def generate(
     class_list = parse_classes(classes, config.num_classes)
     total = num_images or len(class_list)
     class_list = [class_list[i % len(class_list)] for i in range(total)]
-    chosen = build_policy(SequenceLayout.for_image(config, image_size), policy, budget, **knobs)
+    chosen = build_policy(SequenceLayout.for_image(config, image_size), policy, budget,
+                          model_config=config, **knobs)
     decoder = None
     if vq_checkpoint is not None and not no_decode:
         decoder = load_decoder(vq_checkpoint, vq_model, config)
@@ -224,6 +225,10 @@ def generate(
                                        echo=lambda line: click.echo(line, err=True))
         from ..engines.ort import fit_policy  # onnxruntime loads only for this engine
 
+        if chosen.head_shared and not artifact.head_shared:
+            raise UserError(f"Artifact '{artifact.path}' was built without --head-shared, so "
+                            "it cannot run --head-budgets; rebuild it with linear-export build "
+                            "--head-shared, or drop --head-budgets.")
         chosen = fit_policy(chosen, artifact.capacity)  # the graph's cache size is static
         if decoder is None and not no_decode and "vq_decoder" in artifact.manifest:
             from ..engines.ort_vq import OrtVQDecoder

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import click
 
 from ..errors import UserError
 from ..models import DTYPES, GPT_CONFIGS
-from ..models.configs import SequenceLayout
+from ..models.configs import GPTConfig, SequenceLayout
 from ..runtime.budget import BUDGET_HELP, parse_budget
+from ..runtime.head_budgets import load_head_budgets
 from ..runtime.policies import POLICIES, Policy, PolicyConfig
 
 
@@ -40,6 +42,10 @@ model_options = compose(
 RECENT_LINES_HELP = ("linear: newest whole lines always kept [default: 1 up to a 4-line budget, "
                      "half the budget's lines above that].")
 
+HEAD_BUDGETS_HELP = ("linear: per-head budgets from linear-export calibrate; a layer's kv heads "
+                     "then share its cache slots unevenly (same memory; the ort engine needs an "
+                     "artifact built with --head-shared).")
+
 policy_options = compose(
     click.option("--policy", default="linear", show_default=True,
                  help=f"KV cache policy: {', '.join(POLICIES)}."),
@@ -63,10 +69,15 @@ policy_options = compose(
                  help="streaming: first image tokens always kept."),
     click.option("--recent-tokens", type=int, default=None,
                  help="h2o: recent window in tokens [default: half the budget]."),
+    click.option("--head-budgets", type=click.Path(dir_okay=False), default=None,
+                 help=HEAD_BUDGETS_HELP),
 )
 
 
-def build_policy(layout: SequenceLayout, policy: str, budget: str, **knobs: object) -> Policy:
+def build_policy(layout: SequenceLayout, policy: str, budget: str,
+                 model_config: GPTConfig | None = None, head_budgets: str | None = None,
+                 **knobs: object) -> Policy:
+    """The policy the options ask for; `head_budgets` (a file) needs `model_config`."""
     if policy not in POLICIES:
         raise UserError(f"Unknown policy '{policy}'; choose one of: {', '.join(POLICIES)}.")
     for name in ("recent_lines", "anchor", "score_queries", "lookahead", "sinks",
@@ -75,7 +86,16 @@ def build_policy(layout: SequenceLayout, policy: str, budget: str, **knobs: obje
         if value is not None and value < 0:
             raise UserError(f"--{name.replace('_', '-')} {value} is negative; give 0 or more.")
     tokens = None if policy == "full" else parse_budget(budget, layout)
-    return Policy(PolicyConfig(name=policy, budget=tokens, **knobs), layout)
+    chosen = Policy(PolicyConfig(name=policy, budget=tokens, **knobs), layout)
+    if head_budgets is None:
+        return chosen
+    if policy != "linear":
+        raise UserError(f"--head-budgets sets LineAR's per-head budgets; drop it for --policy "
+                        f"{policy}.")
+    if not chosen.evicts:
+        return chosen  # the whole image fits: no table is needed
+    table = load_head_budgets(head_budgets).for_policy(chosen, model_config, head_budgets)
+    return Policy(replace(chosen.config, head_budgets=table), layout)
 
 
 def parse_classes(text: str, num_classes: int) -> list[int]:

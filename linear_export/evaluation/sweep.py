@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -15,6 +15,7 @@ from ..runtime.budget import parse_budget
 from ..runtime.cache import KVCache
 from ..runtime.decode import decode_batches, to_uint8
 from ..runtime.generate import generate
+from ..runtime.head_budgets import load_head_budgets
 from ..runtime.policies import Policy, PolicyConfig
 from ..runtime.sampling import SamplingConfig
 from .metrics import accuracy, frechet_distance, frechet_noise, token_agreement
@@ -52,6 +53,7 @@ class EvalSettings:
     seed: int = 0
     knobs: dict = field(default_factory=dict)  # PolicyConfig knobs for linear (recent_lines...)
     kept_stages: int = 3  # line stages pictured for LineAR's kept cells
+    head_budgets: str | None = None  # linear: per-head budgets file (linear-export calibrate)
 
 
 @dataclass
@@ -125,10 +127,15 @@ def run_sweep(subject: EvalSubject, settings: EvalSettings, progress: bool = Fal
     rows, samples, kept_cells, full_tokens, full_nll = [], {}, {}, None, None
     full_per_image = None
     heldout = (subject.heldout_tokens, subject.heldout_labels)
+    head_budgets = None if settings.head_budgets is None else load_head_budgets(
+        settings.head_budgets)
     for name, budget in tqdm(configs, desc="eval", disable=not progress):
         tokens_budget = None if name == "full" else parse_budget(budget, layout)
         knobs = settings.knobs if name == "linear" else {}
         policy = Policy(PolicyConfig(name, budget=tokens_budget, **knobs), layout)
+        if head_budgets is not None and name == "linear" and policy.evicts:
+            table = head_budgets.for_policy(policy, engine.config, settings.head_budgets)
+            policy = Policy(replace(policy.config, head_budgets=table), layout)
         started = time.perf_counter()
         tokens = generate_all(engine, conditions, policy, settings)
         if heldout[0] is None:  # no real data: the full cache's own samples are the reference
