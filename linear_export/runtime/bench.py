@@ -20,15 +20,16 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import ClassVar
 
 from tqdm.auto import tqdm
 
 from ..errors import UserError
-from ..models.configs import SequenceLayout
+from ..models.configs import GPTConfig, SequenceLayout
 from .budget import parse_budget
+from .head_budgets import load_head_budgets
 from .policies import POLICIES, Policy, PolicyConfig
 
 BASELINE = "baseline"  # LlamaGen's own loop (runtime.baseline), measured in every bench
@@ -55,11 +56,14 @@ KNOBS = {field.name: field for field in fields(PolicyConfig) if field.name not i
                                                                                  "budget")}
 
 
-def parse_policy(spec: str, layout: SequenceLayout) -> Policy:
+def parse_policy(spec: str, layout: SequenceLayout,
+                 model_config: GPTConfig | None = None) -> Policy:
     """'full', 'linear:1/4', 'streaming:96', 'linear:1/4:lookahead=0' -> a validated Policy.
 
     Knobs are PolicyConfig fields, `:name=value` after the budget, so one bench run can put
-    two settings of a policy side by side.
+    two settings of a policy side by side. `head_budgets=FILE` (linear) runs the head-shared
+    pool with that file's table; it is read only with `model_config`, so a spec is checked
+    before any model loads and resolved where one has.
     """
     name, *parts = spec.strip().split(":")
     budget = parts.pop(0) if parts and "=" not in parts[0] else ""
@@ -73,8 +77,18 @@ def parse_policy(spec: str, layout: SequenceLayout) -> Policy:
         return Policy(PolicyConfig("full"), layout)
     try:
         knobs = dict(_knob(part) for part in parts)
-        return Policy(PolicyConfig(name, budget=parse_budget(budget or "1/4", layout), **knobs),
-                      layout)
+        head_budgets = knobs.pop("head_budgets", None)
+        policy = Policy(PolicyConfig(name, budget=parse_budget(budget or "1/4", layout),
+                                     **knobs), layout)
+        if head_budgets is None:
+            return policy
+        if name != "linear":
+            raise UserError("head_budgets sets LineAR's per-head budgets; only linear takes it.")
+        budgets = load_head_budgets(head_budgets)
+        if model_config is None or not policy.evicts:
+            return policy
+        table = budgets.for_policy(policy, model_config, head_budgets)
+        return Policy(replace(policy.config, head_budgets=table), layout)
     except UserError as error:  # say which spec: the budget's own message names --budget
         raise UserError(f"In --policies '{spec}': {error}") from None
 
@@ -87,6 +101,8 @@ def _knob(text: str) -> tuple[str, object]:
         raise UserError(f"'{text}' is not a policy knob; give name=value with name one of "
                         f"{', '.join(KNOBS)}.")
     default = KNOBS[key].default
+    if key == "head_budgets":  # a file
+        return key, value
     if isinstance(default, bool):
         if value.lower() not in ("true", "false", "1", "0"):
             raise UserError(f"Knob {key} takes true or false, not '{value}'.")
@@ -373,7 +389,8 @@ def _reusable(path: Path, wanted: dict) -> bool:
     have = {"model": manifest["model"]["name"], "image_size": manifest["image_size"],
             "dtype": manifest["dtype"], "capacity": manifest["capacity"],
             "weights": manifest["weights"], "variants": manifest["build"].get("variants"),
-            "cache_inputs": manifest["build"].get("cache_inputs", "stacked")}
+            "cache_inputs": manifest["build"].get("cache_inputs", "stacked"),
+            "head_shared": manifest["build"].get("head_shared", False)}
     return (all(have[key] == wanted[key] for key in have)
             and manifest["build"]["max_batch"] >= wanted["max_batch"]
             and (not wanted.get("tensorrt") or _plans_usable(manifest, path, wanted)))
@@ -426,18 +443,22 @@ def prepare_artifacts(config: BenchConfig, log: Callable[[str], None]) -> Iterat
         for spec in config.policies:
             if model is None:
                 model = load_bench_model(config, device="cpu")
-            capacity = parse_policy(spec, model.family.token_layout(model.layout)).capacity
-            path = work / f"{config.model}-{config.image_size}px-{config.dtype}-c{capacity}"
+            policy = parse_policy(spec, model.family.token_layout(model.layout), model.config)
+            capacity, head_shared = policy.capacity, policy.head_shared
+            path = work / (f"{config.model}-{config.image_size}px-{config.dtype}-c{capacity}"
+                           + ("-head-shared" if head_shared else ""))
             wanted = {"model": config.model, "image_size": config.image_size,
                       "dtype": config.dtype, "capacity": capacity, "weights": weights,
                       "variants": variants, "max_batch": max_rows,
-                      "cache_inputs": CACHE_LAYOUTS[True], "tensorrt": "tensorrt" in engines}
+                      "cache_inputs": CACHE_LAYOUTS[True], "head_shared": head_shared,
+                      "tensorrt": "tensorrt" in engines}
             if str(path) not in paths.values() and not _reusable(path, wanted):
                 log(f"building an artifact with {capacity} cache slots for {spec} in {path}")
                 build_artifact(model, path, model_name=config.model,
                                image_size=config.image_size, weights=weights, capacity=capacity,
                                build_options={"bench": spec}, max_batch=max_rows,
-                               with_noscores=True, split_cache=True, force=True)
+                               with_noscores=True, split_cache=True, head_shared=head_shared,
+                               force=True)
                 if "tensorrt" in engines:  # plans for this GPU, in the same artifact
                     from ..export.tensorrt import TrtBuildConfig, add_tensorrt_plans
 

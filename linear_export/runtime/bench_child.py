@@ -132,7 +132,8 @@ def run_job(job: Job) -> Measurement:
     if job.engine == BASELINE:
         seconds, steps, capacity, nbytes = run_baseline(engine, classes, sampling, config)
     else:
-        policy = parse_policy(job.policy, engine.family.token_layout(engine.layout))
+        policy = parse_policy(job.policy, engine.family.token_layout(engine.layout),
+                              engine.config)
         seconds, steps, capacity, nbytes = run_engine(engine, policy, classes, sampling, config)
     cuda = torch.cuda.max_memory_allocated() if config.device.startswith("cuda") else None
     return Measurement(seconds, job.batch, 1e3 * statistics.median(steps or [seconds]),
