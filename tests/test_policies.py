@@ -212,3 +212,15 @@ def test_whole_image_never_exceeds_capacity_and_keeps_what_policies_promise(
             assert torch.all(held == torch.tensor(expected))
         if granularity == "layer" and name in ("linear", "h2o"):
             assert torch.equal(held, held[:, :, :1].expand_as(held))
+
+
+def test_lookahead_defaults_to_three_lines_and_four_with_head_budgets() -> None:
+    layout = SequenceLayout(prefix=1, height=6, width=4)
+    table = torch.full((5, 2, 2), 8)
+    table[0] = 4
+    plain = Policy(PolicyConfig("linear", budget=8), layout)
+    pooled = Policy(PolicyConfig("linear", budget=8, head_budgets=table), layout)
+    chosen = Policy(PolicyConfig("linear", budget=8, head_budgets=table, lookahead=2), layout)
+    assert (plain.lookahead, pooled.lookahead, chosen.lookahead) == (3, 4, 2)
+    assert pooled.score_shifts(0) == [4, 8, 12, 16] and plain.score_shifts(0) == [4, 8, 12]
+    assert pooled.score_shifts(3) == [4, 8, 8, 8]  # never past the last line

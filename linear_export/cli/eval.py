@@ -99,8 +99,9 @@ def split_list(text: str) -> tuple[str, ...]:
               default=PolicyConfig.granularity, show_default=True)
 @click.option("--cfg-share/--no-cfg-share", default=PolicyConfig.cfg_share, show_default=True)
 @click.option("--score-queries", type=int, default=PolicyConfig.score_queries, show_default=True)
-@click.option("--lookahead", type=int, default=PolicyConfig.lookahead, show_default=True,
-              help="linear: score with the queries rotated 1..N lines ahead (0: in place).")
+@click.option("--lookahead", type=int, default=None,
+              help="linear: score with the queries rotated 1..N lines ahead (0: in place) "
+                   "[default: 3; 4 with --head-budgets].")
 @click.option("--head-budgets", type=click.Path(dir_okay=False), default=None,
               help="linear: per-head budgets from linear-export calibrate, with a table for "
                    "every evicting budget swept (a head-shared cache pool).")

@@ -62,9 +62,10 @@ policy_options = compose(
     click.option("--score-queries", type=int, default=PolicyConfig.score_queries,
                  show_default=True,
                  help="linear: score with the finished line's last k queries (0: all)."),
-    click.option("--lookahead", type=int, default=PolicyConfig.lookahead, show_default=True,
+    click.option("--lookahead", type=int, default=None,
                  help="linear: rank slots with those queries rotated 1..N lines ahead, "
-                      "summed, i.e. by what later lines will read (0: in place; at most 8)."),
+                      "summed, i.e. by what later lines will read (0: in place; at most 8) "
+                      "[default: 3; 4 with --head-budgets]."),
     click.option("--sinks", type=int, default=PolicyConfig.sinks, show_default=True,
                  help="streaming: first image tokens always kept."),
     click.option("--recent-tokens", type=int, default=None,
