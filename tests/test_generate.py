@@ -152,7 +152,8 @@ def test_head_shared_pool_with_equal_budgets_is_the_plain_cache(cfg_scale: float
     sampling = SamplingConfig(cfg_scale=cfg_scale)
     plain = generate(engine, [1, 2, 3], policy("linear", model.layout, 8, recent_lines=1),
                      sampling, teacher_tokens=truth)
-    pooled_policy = policy("linear", model.layout, 8, recent_lines=1, head_budgets=table)
+    pooled_policy = policy("linear", model.layout, 8, recent_lines=1, head_budgets=table,
+                           lookahead=3)  # the plain cache's default
     assert pooled_policy.head_shared and pooled_policy.capacity == plain.stats.kv_capacity
     pooled = generate(engine, [1, 2, 3], pooled_policy, sampling, teacher_tokens=truth)
     assert pooled.stats.evictions == plain.stats.evictions == 3
