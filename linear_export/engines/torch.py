@@ -57,5 +57,5 @@ class TorchEngine:
             logits, present_key, present_value, attn_mass = self.model.step(
                 input_ids, position_ids, cache.key, cache.value, self._cache_len,
                 inputs_embeds=embeds, score_position_ids=score_position_ids,
-                slot_owner=cache.owner)
+                **({} if cache.owner is None else {"slot_owner": cache.owner}))
         return StepOutput(logits, present_key, present_value, attn_mass if need_scores else None)
