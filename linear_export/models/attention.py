@@ -44,7 +44,7 @@ def cached_attention(
     probs = _attention_probs(q, k, past_key, live, scale)
     capacity = past_key.shape[-2]
     past_probs, own_probs = probs[..., :capacity], probs[..., capacity:]
-    out = past_probs.to(v.dtype) @ past_value + own_probs.to(v.dtype) @ v
+    out = _one_pool(past_probs.to(v.dtype), past_value) + own_probs.to(v.dtype) @ v
     out = out.view(batch, n_head, steps, head_dim).transpose(1, 2).reshape(batch, steps, -1)
     queries = steps
     if score_q is not None:
@@ -90,7 +90,7 @@ def _attention_probs(q: torch.Tensor, k: torch.Tensor, past_key: torch.Tensor,
     group = n_head // n_kv_head
     q = q.reshape(batch, n_kv_head, group * steps, head_dim)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    past_scores = ((q * scale) @ past_key.transpose(-1, -2)).float()  # [B, Hkv, G*S, C]
+    past_scores = _one_pool(q * scale, past_key.transpose(-1, -2)).float()  # [B, Hkv, G*S, C]
     heads_seen = live.shape[1] if live.dim() == 3 else 1
     past_scores = past_scores.masked_fill(~live.view(live.shape[0], heads_seen, 1, -1),
                                           -math.inf)
@@ -101,6 +101,15 @@ def _attention_probs(q: torch.Tensor, k: torch.Tensor, past_key: torch.Tensor,
         causal = torch.arange(k.shape[2], device=q.device)[None, :] <= own_step[:, None]
     own_scores = own_scores.masked_fill(~causal.repeat(group, 1), -math.inf)
     return torch.softmax(torch.cat([past_scores, own_scores], dim=-1), dim=-1)
+
+
+def _one_pool(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """left [B, Hkv, S, K] @ right [B, Hkv or 1, K, N]. With one shared pool (1), all heads'
+    rows go through one matmul: broadcasting would copy the pool once per kv head."""
+    if right.shape[1] == 1 and left.shape[1] > 1:
+        batch, heads, rows, _ = left.shape
+        return (left.reshape(batch, 1, heads * rows, -1) @ right).view(batch, heads, rows, -1)
+    return left @ right
 
 
 def live_slots(capacity: int, cache_len: torch.Tensor) -> torch.Tensor:
