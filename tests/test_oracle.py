@@ -20,6 +20,10 @@ from conftest import tiny_model
 
 @pytest.fixture(scope="module")
 def subject():
+    return oracle_subject()
+
+
+def oracle_subject():
     """A tiny model on a 4 x 4 grid, three teacher-forced images and their future attention."""
     model = tiny_model(height=4, width=4)
     labels = [1, 3, 5]

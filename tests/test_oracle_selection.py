@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_oracle import oracle_subject
 
 from linear_export.engines.torch import TorchEngine
-from linear_export.evaluation.oracle import future_attention, masked_nll, oracle_visibility
+from linear_export.evaluation.oracle import masked_nll, oracle_visibility
 from linear_export.evaluation.sweep import EvalSettings, teacher_forced_nll
 from linear_export.runtime.policies import Policy, PolicyConfig
-
-from conftest import tiny_model
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "oracle_selection.py"
 
@@ -28,12 +27,7 @@ def oracle():
 
 @pytest.fixture(scope="module")
 def subject():
-    """A tiny model on a 4 x 4 grid, three teacher-forced images and their future attention."""
-    model = tiny_model(height=4, width=4)
-    labels = [1, 3, 5]
-    generator = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, model.config.vocab_size, (3, 16), generator=generator)
-    return model, labels, tokens, future_attention(model, tokens, labels)
+    return oracle_subject()  # the same tiny model and images as test_oracle.py
 
 
 def test_masked_forward_matches_the_runtime(oracle, subject):
