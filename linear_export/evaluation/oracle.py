@@ -24,21 +24,56 @@ def teacher_sequence(model: GPT, tokens: torch.Tensor, labels: list[int]):
     return images, ids, model.rope[torch.arange(ids.shape[1]).expand_as(ids)]
 
 
-@torch.inference_mode()
 def future_attention(model: GPT, tokens: torch.Tensor, labels: list[int]) -> torch.Tensor:
     """[L, B, Hkv, lines, keys]: attention each image line's queries pay each key (full cache)."""
+    return _attention_by_line(model, tokens, labels)
+
+
+def line_scores(model: GPT, tokens: torch.Tensor, labels: list[int],
+                policy: Policy) -> torch.Tensor:
+    """[L, B, Hkv, lines, keys]: LineAR's scores at each line end, teacher-forced: the mass
+    of the line's scoring queries, rotated `policy.lookahead` lines ahead as the runtime
+    rotates them, over the whole (full) cache."""
+    layout = policy.layout
+    positions = torch.arange(layout.length)
+    image_index = positions - layout.prefix
+    line = image_index.div(layout.width, rounding_mode="floor").clamp(min=0)
+    shifts = [policy.score_shifts(int(query_line)) for query_line in line]
+    rotations = max(1, policy.lookahead if policy.score_mode == "line" else 0)
+    tables = [model.rope[positions + torch.tensor([0 if shift is None else shift[rotation]
+                                                   for shift in shifts])]
+              for rotation in range(rotations)]
+    scoring = torch.tensor([index >= 0 and policy.needs_scores(int(index))
+                            for index in image_index])
+    return _attention_by_line(model, tokens, labels, tables, scoring)
+
+
+@torch.inference_mode()
+def _attention_by_line(model: GPT, tokens: torch.Tensor, labels: list[int],
+                       score_tables: list[torch.Tensor] | None = None,
+                       scoring: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention mass per (layer, kv head, image line, key) of the full teacher-forced pass,
+    measured with the queries as they are, or rotated by each RoPE table of `score_tables`
+    [N, ...] (summed) and only those of the queries `scoring` [N] marks."""
     config, layout = model.config, model.layout
     _, ids, cos_sin = teacher_sequence(model, tokens, labels)
     hidden, per_layer = model.embed(ids), []
     causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()
     group = config.n_head // config.kv_heads
+    rotated = [cos_sin] if score_tables is None else [table.expand(len(labels), *table.shape)
+                                                      for table in score_tables]
     for layer in model.layers:
         x = layer.attention_norm(hidden)
-        q, k, _ = layer.attention.project(x, cos_sin)
+        _, k, _ = layer.attention.project(x, cos_sin)
         k = k.repeat_interleave(group, dim=1)
-        probs = ((q @ k.transpose(-1, -2)) / math.sqrt(config.head_dim)).masked_fill(
-            ~causal, -math.inf).softmax(-1)
-        image = probs[:, :, layout.prefix:layout.prefix + layout.image_tokens]
+        mass = 0
+        for table in rotated:
+            q = layer.attention.project(x, table)[0]
+            mass = mass + ((q @ k.transpose(-1, -2)) / math.sqrt(config.head_dim)).masked_fill(
+                ~causal, -math.inf).softmax(-1)
+        if scoring is not None:
+            mass = mass * scoring[:, None]
+        image = mass[:, :, layout.prefix:layout.prefix + layout.image_tokens]
         by_line = image.reshape(*image.shape[:2], layout.height, layout.width, -1).sum(3)
         per_layer.append(by_line.view(by_line.shape[0], config.kv_heads, group,
                                       *by_line.shape[2:]).sum(2))
@@ -78,14 +113,30 @@ def oracle_visibility(future: torch.Tensor, policy: Policy, allocation: str | to
                       count: int = 0) -> torch.Tensor:
     """[L, B, Hkv, N, N] bool: the keys each query sees under the oracle's evictions.
 
+    The oracle ranks the keys by the attention later lines pay them. `allocation`: "uniform"
+    (every head keeps the budget), "pooled" (a layer's kv heads share one budget) or fixed
+    image tokens per head after each line, [lines - 1, L, Hkv]. `count`: how many later
+    lines' attention ranks the keys (0: all of them).
+    """
+    length = policy.layout.length
+
+    def rank_by_future(finished: int, alive: torch.Tensor) -> torch.Tensor:
+        return future[:, :, :, ranking_lines(finished, count)].sum(3)[..., :length]
+
+    return evict_by_line(rank_by_future, policy, allocation, future.shape[:3])
+
+
+def evict_by_line(rank: Callable[[int, torch.Tensor], torch.Tensor], policy: Policy,
+                  allocation: str | torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """[L, B, Hkv, N, N] bool: the keys each query sees when each line end keeps the keys
+    `rank(finished_line, alive)` [L, B, Hkv, N] ranks highest, `alive` being what is still
+    cached; the prefix, anchor and recent lines are always kept.
+
     Line f's eviction (after its last token is cached) hides keys from the queries of lines
-    f + 1 on; evicted keys never come back. `allocation`: "uniform" (every head keeps the
-    budget), "pooled" (a layer's kv heads share one budget) or fixed image tokens per head
-    after each line, [lines - 1, L, Hkv]. `count`: how many later lines' attention ranks the
-    keys (0: all of them).
+    f + 1 on; evicted keys never come back. `allocation` as in `oracle_visibility`.
     """
     layout = policy.layout
-    layers, batch, heads = future.shape[:3]
+    layers, batch, heads = shape
     length, prefix, width = layout.length, layout.prefix, layout.width
     image_index = torch.arange(length) - prefix
     visible = torch.ones(length, length, dtype=torch.bool).tril().repeat(layers, batch, heads,
@@ -96,16 +147,16 @@ def oracle_visibility(future: torch.Tensor, policy: Policy, allocation: str | to
         cached = alive & (image_index <= newest)
         if int((cached & (image_index >= 0)).sum(-1).max()) <= policy.budget:
             continue
-        priority = future[:, :, :, ranking_lines(finished, count)].sum(3)[..., :length]
-        recent = image_index > newest - policy.recent_lines * width
-        priority = priority.masked_fill((image_index < 0) | recent, math.inf)
+        always = ((image_index < policy.config.anchor)
+                  | (image_index > newest - policy.recent_lines * width))
+        priority = rank(finished, cached).float().masked_fill(always, math.inf)
         priority = priority.masked_fill(~cached, -math.inf)
         keep = prefix + policy.budget
         if isinstance(allocation, torch.Tensor):
             order = priority.argsort(-1, descending=True)
             ranks = torch.arange(length).expand_as(order)
-            rank = torch.empty_like(order).scatter_(-1, order, ranks)
-            kept = rank < prefix + allocation[finished][:, None, :, None]
+            rank_of = torch.empty_like(order).scatter_(-1, order, ranks)
+            kept = rank_of < prefix + allocation[finished][:, None, :, None]
         elif allocation == "pooled":
             flat = priority.flatten(2)
             kept = torch.zeros_like(flat).scatter_(-1, flat.topk(heads * keep).indices, 1)

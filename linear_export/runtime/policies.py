@@ -40,6 +40,11 @@ class PolicyConfig:
     # linear: image tokens each kv head keeps after each line but the last, [lines - 1, L, Hkv]
     # (runtime/head_budgets.py); the heads of a layer then share its slots (head-shared pool).
     head_budgets: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    # linear, with head_budgets: where later lines read on average, per kv head, after each
+    # line but the last, [lines - 1, L, Hkv, image tokens] (each row sums to 1), and how much
+    # each head's ranking leans on it, [L, Hkv] (0: LineAR's scores alone).
+    position_prior: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    prior_weight: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
 
 def auto_recent_lines(budget_lines: int) -> int:
@@ -102,6 +107,11 @@ class Policy:
                             f"budget ({self.budget}).")
         if config.head_budgets is not None:
             self._check_head_budgets(config.head_budgets)
+        if (config.position_prior is None) != (config.prior_weight is None):
+            raise UserError("A position prior needs its per-head weights and the other way "
+                            "round; take both from one head budgets file.")
+        if config.position_prior is not None:
+            self._check_position_prior(config.position_prior, config.prior_weight)
 
     def _check_head_budgets(self, table: torch.Tensor) -> None:
         config, layout = self.config, self.layout
@@ -120,6 +130,16 @@ class Policy:
                     f"The head budgets after line {line} do not keep {wanted} image tokens per "
                     f"layer with at least {floor} per head (anchor + recent lines); they were "
                     f"calibrated for another budget or --recent-lines, so calibrate them again.")
+
+    def _check_position_prior(self, prior: torch.Tensor, weight: torch.Tensor) -> None:
+        table, layout = self.config.head_budgets, self.layout
+        if table is None:
+            raise UserError("A position prior comes with per-head budgets; pass --head-budgets.")
+        wanted = [layout.height - 1, *table.shape[1:], layout.image_tokens]
+        if list(prior.shape) != wanted or list(weight.shape) != wanted[1:3]:
+            raise UserError(f"The position prior has shape {list(prior.shape)} and weights "
+                            f"{list(weight.shape)}, not {wanted} and {wanted[1:3]}; calibrate "
+                            "them for this model again.")
 
     @property
     def head_shared(self) -> bool:
@@ -202,7 +222,7 @@ class Policy:
         if positions.shape[-1] - layout.prefix <= self.budget:
             return None
         heads = positions.shape[2]
-        priority = self.priority(positions, scores, finished_line, cfg).flatten(2)
+        priority = self.priority(positions, scores, finished_line, cfg, owner).flatten(2)
         owner = owner.flatten(2)
         # Each slot's rank among its owner's slots: order by priority, then (stably) by owner.
         order = torch.sort(priority, dim=-1, descending=True, stable=True).indices
@@ -221,8 +241,11 @@ class Policy:
         return keep.indices.sort(dim=-1).values
 
     def priority(self, positions: torch.Tensor, scores: torch.Tensor | None, finished_line: int,
-                 cfg: bool) -> torch.Tensor:
-        """Priority per live slot [L, B, Hkv, n]: higher is kept first, +inf always."""
+                 cfg: bool, owner: torch.Tensor | None = None) -> torch.Tensor:
+        """Priority per live slot [L, B, Hkv, n]: higher is kept first, +inf always.
+
+        `owner` [L, B, Hkv, n]: the kv head each slot holds (head-shared pool; None: its row).
+        """
         layout = self.layout
         image_index = (positions - layout.prefix).float()
         newest = (finished_line + 1) * layout.width - 1
@@ -231,6 +254,8 @@ class Policy:
                 image_index > newest - self.recent_lines * layout.width
             )
             priority = self.shared(scores, cfg)
+            if self.config.position_prior is not None:
+                priority = self.with_prior(priority, positions, finished_line, owner)
         elif self.name == "h2o":
             keep_always = image_index > newest - self.recent_tokens
             priority = self.shared(scores, cfg)
@@ -241,6 +266,26 @@ class Policy:
             keep_always = torch.zeros_like(image_index, dtype=torch.bool)
             priority = image_index
         return priority.masked_fill(keep_always | (image_index < 0), ALWAYS)
+
+    def with_prior(self, scores: torch.Tensor, positions: torch.Tensor, finished_line: int,
+                   owner: torch.Tensor | None) -> torch.Tensor:
+        """Each head's share of its scores plus its weight times the position prior.
+
+        Shares, not raw mass, so the weight means the same in every head and on every line:
+        both terms sum to 1 over a head's keys. Weight 0 keeps LineAR's own ranking.
+        """
+        layers, batch, heads, _ = positions.shape
+        device = positions.device
+        if owner is None:
+            owner = torch.arange(heads, device=device).view(1, 1, heads, 1).expand_as(positions)
+        flat_owner = owner.flatten(2)
+        totals = torch.zeros(layers, batch, heads, device=device).scatter_add_(
+            -1, flat_owner, scores.float().flatten(2))
+        share = scores / totals.gather(-1, flat_owner).view_as(scores).clamp(min=1e-12)
+        layer = torch.arange(layers, device=device).view(-1, 1, 1, 1)
+        image_index = (positions - self.layout.prefix).clamp(0, self.layout.image_tokens - 1)
+        prior = self.config.position_prior[finished_line].to(device)[layer, owner, image_index]
+        return share + self.config.prior_weight.to(device)[layer, owner] * prior
 
     def shared(self, scores: torch.Tensor, cfg: bool) -> torch.Tensor:
         """Scores pooled over the dimensions that share one selection (heads, CFG halves)."""
