@@ -26,6 +26,7 @@ def head_budgets(tmp_path_factory):
                  "--batch-size", "2", "--cfg-scale", "1", "--out", str(path))
     assert result.exit_code == 0, result.output
     assert "budget 8 tokens per head" in result.output and "no table needed" in result.output
+    assert "position prior on" in result.output
     return path
 
 
@@ -33,6 +34,7 @@ def test_calibrate_writes_a_table_the_policy_accepts(head_budgets) -> None:
     config = get_config("GPT-tiny-gqa")
     budgets = load_head_budgets(head_budgets)
     assert set(budgets.tables) == {8} and budgets.source.startswith("samples, 5 images")
+    assert set(budgets.priors) == {8} and budgets.knobs[8]["lookahead"] == 4
     layout = SequenceLayout.for_image(config, 16)
     policy = Policy(PolicyConfig("linear", budget=8), layout)
     table = budgets.for_policy(policy, config)

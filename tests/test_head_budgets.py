@@ -55,3 +55,34 @@ def test_missing_and_foreign_files_are_one_clear_error(tmp_path) -> None:
     save_file({"weight": torch.zeros(2)}, str(tmp_path / "weights.safetensors"))
     with pytest.raises(UserError, match="not a head budgets file"):
         load_head_budgets(tmp_path / "weights.safetensors")
+
+
+def with_prior() -> HeadBudgets:
+    found = budgets()
+    prior = torch.rand(3, CONFIG.n_layer, CONFIG.kv_heads, 16)
+    found.priors = {8: prior / prior.sum(-1, keepdim=True)}
+    found.prior_weights = {8: torch.tensor([[0.0, 1.0], [4.0, 0.0]])}
+    found.knobs[8]["lookahead"] = 4
+    return found
+
+
+def test_a_position_prior_round_trips_and_applies(tmp_path) -> None:
+    path = tmp_path / "hb.safetensors"
+    saved = with_prior()
+    saved.save(path)
+    policy = load_head_budgets(path).apply(
+        Policy(PolicyConfig("linear", budget=8, recent_lines=1), LAYOUT), CONFIG, path)
+    assert policy.head_shared and policy.lookahead == 4
+    assert torch.equal(policy.config.position_prior, saved.priors[8])
+    assert torch.equal(policy.config.prior_weight, saved.prior_weights[8])
+    without = budgets().apply(Policy(PolicyConfig("linear", budget=8, recent_lines=1), LAYOUT),
+                              CONFIG)
+    assert without.head_shared and without.config.position_prior is None
+    whole = Policy(PolicyConfig("linear", budget=16), LAYOUT)
+    assert with_prior().apply(whole, CONFIG) is whole  # nothing to evict, nothing to apply
+
+
+def test_a_prior_weighed_for_another_lookahead_is_refused() -> None:
+    policy = Policy(PolicyConfig("linear", budget=8, recent_lines=1, lookahead=2), LAYOUT)
+    with pytest.raises(UserError, match="pass --lookahead 4"):
+        with_prior().apply(policy, CONFIG)

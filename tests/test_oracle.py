@@ -5,15 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
+from linear_export.engines.torch import TorchEngine
 from linear_export.evaluation.oracle import (
     calibrate_head_budgets,
     future_attention,
     kept_per_head,
+    line_scores,
     oracle_visibility,
     round_per_layer,
     static_budgets,
 )
+from linear_export.runtime.generate import generate
 from linear_export.runtime.policies import Policy, PolicyConfig
+from linear_export.runtime.sampling import SamplingConfig
 
 from conftest import tiny_model
 
@@ -86,3 +90,28 @@ def test_calibration_in_batches_equals_one_pass(subject):
     assert torch.equal(batched, one_pass)
     # Every table it makes is one the policy accepts.
     Policy(PolicyConfig("linear", budget=8, recent_lines=1, head_budgets=batched), model.layout)
+
+
+@pytest.mark.parametrize("lookahead", [0, 2])
+def test_line_scores_are_the_runtimes_scores_before_its_first_eviction(subject,
+                                                                       lookahead) -> None:
+    """Teacher-forced in one pass, they equal what the cached steps add up for the line whose
+    end evicts first (nothing is evicted before it, so both see the whole cache)."""
+    model, labels, tokens, _ = subject
+    policy = Policy(PolicyConfig("linear", budget=8, recent_lines=1, lookahead=lookahead),
+                    model.layout)
+    seen = {}
+    plain_select = policy.select
+
+    def select(positions, scores, finished_line, cfg):
+        seen.setdefault(finished_line, (positions.clone(), scores.clone()))
+        return plain_select(positions, scores, finished_line=finished_line, cfg=cfg)
+
+    policy.select = select
+    generate(TorchEngine(model), labels, policy, SamplingConfig(cfg_scale=1.0),
+             teacher_tokens=tokens.view(3, 4, 4))
+    positions, runtime = seen[2]  # 12 image tokens cached > budget 8: the first eviction
+    assert torch.equal(positions[0, 0, 0], torch.arange(positions.shape[-1]))
+    emulated = line_scores(model, tokens, labels, policy)[:, :, :, 2, :positions.shape[-1]]
+    torch.testing.assert_close(emulated, runtime, atol=1e-4, rtol=1e-4)
+    assert runtime.sum() > 0

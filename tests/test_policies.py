@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -224,3 +226,66 @@ def test_lookahead_defaults_to_three_lines_and_four_with_head_budgets() -> None:
     assert (plain.lookahead, pooled.lookahead, chosen.lookahead) == (3, 4, 2)
     assert pooled.score_shifts(0) == [4, 8, 12, 16] and plain.score_shifts(0) == [4, 8, 12]
     assert pooled.score_shifts(3) == [4, 8, 8, 8]  # never past the last line
+
+
+def prior_policy(weight: float, layout: SequenceLayout = LAYOUT, heads: int = 3):
+    """LineAR at budget 10 with equal head budgets and a random position prior."""
+    lines, layers = layout.height - 1, 2
+    table = torch.tensor([min((line + 1) * layout.width, 10) for line in range(lines)])
+    table = table.view(-1, 1, 1).expand(lines, layers, heads).clone()
+    prior = torch.rand(lines, layers, heads, layout.image_tokens)
+    prior = prior / prior.sum(-1, keepdim=True)
+    return Policy(PolicyConfig("linear", budget=10, recent_lines=1, head_budgets=table,
+                               position_prior=prior,
+                               prior_weight=torch.full((layers, heads), weight)), layout)
+
+
+def test_position_prior_weight_zero_keeps_linears_ranking() -> None:
+    policy = prior_policy(0.0)
+    plain = Policy(PolicyConfig("linear", budget=10, recent_lines=1), LAYOUT)
+    positions, scores = live_state(LAYOUT, lines=3)
+    assert torch.equal(policy.select(positions, scores, 2, cfg=False),
+                       plain.select(positions, scores, 2, cfg=False))
+
+
+def test_position_prior_alone_keeps_the_prior_top_keys() -> None:
+    policy = prior_policy(1e6)
+    positions, scores = live_state(LAYOUT, lines=3)
+    kept = kept_positions(positions, policy.select(positions, scores, 2, cfg=False))
+    prior = policy.config.position_prior[2]
+    for layer, batch, head in torch.cartesian_prod(*(torch.arange(n) for n in (2, 2, 3))):
+        mid = list(range(0, 8))  # image tokens 0..7 compete; line 2 (8..11) is recent
+        ranked = sorted(mid, key=lambda token: -prior[layer, head, token].item())
+        chosen = [position - LAYOUT.prefix for position in kept[layer, batch, head].tolist()
+                  if 0 <= position - LAYOUT.prefix < 8]
+        assert sorted(chosen) == sorted(ranked[:10 - 4])
+
+
+def test_position_prior_follows_each_slots_owner_in_a_pool() -> None:
+    policy = prior_policy(0.5)
+    positions, scores = live_state(LAYOUT, lines=3)
+    owner = torch.randint(0, 3, positions.shape)
+    priority = policy.priority(positions, scores, 2, cfg=False, owner=owner)
+    prior, weight = policy.config.position_prior[2], policy.config.prior_weight
+    for index in torch.cartesian_prod(*(torch.arange(n) for n in positions.shape)):
+        layer, batch, row, slot = index.tolist()
+        token = int(positions[layer, batch, row, slot]) - LAYOUT.prefix
+        if token < 0 or token >= 8:
+            assert priority[layer, batch, row, slot] == float("inf")
+            continue
+        head = int(owner[layer, batch, row, slot])
+        owned = scores[layer, batch][owner[layer, batch] == head].sum()
+        expected = (scores[layer, batch, row, slot] / owned
+                    + weight[layer, head] * prior[layer, head, token])
+        assert torch.isclose(priority[layer, batch, row, slot], expected)
+
+
+@pytest.mark.parametrize(("change", "phrase"), [
+    ({"prior_weight": None}, "needs its per-head weights"),
+    ({"head_budgets": None}, "comes with per-head budgets"),
+    ({"prior_weight": torch.zeros(2, 2)}, "calibrate them for this model again"),
+])
+def test_position_prior_misfits_are_refused(change, phrase) -> None:
+    config = prior_policy(1.0).config
+    with pytest.raises(UserError, match=phrase):
+        Policy(replace(config, **change), LAYOUT)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 
 import click
 
@@ -93,10 +92,7 @@ def build_policy(layout: SequenceLayout, policy: str, budget: str,
     if policy != "linear":
         raise UserError(f"--head-budgets sets LineAR's per-head budgets; drop it for --policy "
                         f"{policy}.")
-    if not chosen.evicts:
-        return chosen  # the whole image fits: no table is needed
-    table = load_head_budgets(head_budgets).for_policy(chosen, model_config, head_budgets)
-    return Policy(replace(chosen.config, head_budgets=table), layout)
+    return load_head_budgets(head_budgets).apply(chosen, model_config, head_budgets)
 
 
 def parse_classes(text: str, num_classes: int) -> list[int]:

@@ -33,7 +33,8 @@ def line_scores(model: GPT, tokens: torch.Tensor, labels: list[int],
                 policy: Policy) -> torch.Tensor:
     """[L, B, Hkv, lines, keys]: LineAR's scores at each line end, teacher-forced: the mass
     of the line's scoring queries, rotated `policy.lookahead` lines ahead as the runtime
-    rotates them, over the whole (full) cache."""
+    rotates them, over the whole (full) cache, each query's own key left out as the steps
+    leave it out."""
     layout = policy.layout
     positions = torch.arange(layout.length)
     image_index = positions - layout.prefix
@@ -71,8 +72,8 @@ def _attention_by_line(model: GPT, tokens: torch.Tensor, labels: list[int],
             q = layer.attention.project(x, table)[0]
             mass = mass + ((q @ k.transpose(-1, -2)) / math.sqrt(config.head_dim)).masked_fill(
                 ~causal, -math.inf).softmax(-1)
-        if scoring is not None:
-            mass = mass * scoring[:, None]
+        if scoring is not None:  # a step reports its mass on past slots: not on its own key
+            mass = mass * scoring[:, None] * ~torch.eye(len(scoring), dtype=torch.bool)
         image = mass[:, :, layout.prefix:layout.prefix + layout.image_tokens]
         by_line = image.reshape(*image.shape[:2], layout.height, layout.width, -1).sum(3)
         per_layer.append(by_line.view(by_line.shape[0], config.kv_heads, group,

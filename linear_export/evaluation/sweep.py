@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -133,9 +133,8 @@ def run_sweep(subject: EvalSubject, settings: EvalSettings, progress: bool = Fal
         tokens_budget = None if name == "full" else parse_budget(budget, layout)
         knobs = settings.knobs if name == "linear" else {}
         policy = Policy(PolicyConfig(name, budget=tokens_budget, **knobs), layout)
-        if head_budgets is not None and name == "linear" and policy.evicts:
-            table = head_budgets.for_policy(policy, engine.config, settings.head_budgets)
-            policy = Policy(replace(policy.config, head_budgets=table), layout)
+        if head_budgets is not None and name == "linear":
+            policy = head_budgets.apply(policy, engine.config, settings.head_budgets)
         started = time.perf_counter()
         tokens = generate_all(engine, conditions, policy, settings)
         if heldout[0] is None:  # no real data: the full cache's own samples are the reference

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
@@ -85,10 +85,9 @@ def parse_policy(spec: str, layout: SequenceLayout,
         if name != "linear":
             raise UserError("head_budgets sets LineAR's per-head budgets; only linear takes it.")
         budgets = load_head_budgets(head_budgets)
-        if model_config is None or not policy.evicts:
+        if model_config is None:
             return policy
-        table = budgets.for_policy(policy, model_config, head_budgets)
-        return Policy(replace(policy.config, head_budgets=table), layout)
+        return budgets.apply(policy, model_config, head_budgets)
     except UserError as error:  # say which spec: the budget's own message names --budget
         raise UserError(f"In --policies '{spec}': {error}") from None
 

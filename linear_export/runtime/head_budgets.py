@@ -7,14 +7,19 @@ calibrate`, evaluation/oracle.py). One file holds a table per budget:
 
     budget_<tokens>: int64 [lines - 1, n_layer, n_kv_head]
 
-and, in the safetensors metadata, the grid, layer and head counts, and each budget's
-recent lines and anchor, so a table is never applied to a model or policy it was not made for.
+and, where calibrated, LineAR's position prior for that budget (evaluation/position_prior.py):
+
+    prior_<tokens>: float32 [lines - 1, n_layer, n_kv_head, image tokens]
+    prior_weight_<tokens>: float32 [n_layer, n_kv_head]
+
+In the safetensors metadata: the grid, layer and head counts, and each budget's recent lines,
+anchor and lookahead, so a table is never applied to a model or policy it was not made for.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -37,8 +42,28 @@ class HeadBudgets:
     grid: tuple[int, int]  # lines, tokens per line
     n_layer: int
     n_kv_head: int
-    knobs: dict[int, dict]  # per budget: recent_lines, anchor
+    knobs: dict[int, dict]  # per budget: recent_lines, anchor, lookahead (with a prior)
     source: str = ""  # how it was calibrated, for the record
+    priors: dict[int, torch.Tensor] = field(default_factory=dict)  # [lines - 1, L, Hkv, N]
+    prior_weights: dict[int, torch.Tensor] = field(default_factory=dict)  # [L, Hkv]
+
+    def apply(self, policy: Policy, config: GPTConfig, path: str | Path = "") -> Policy:
+        """`policy` with its budget's table (and position prior): the head-shared pool."""
+        if not policy.evicts:
+            return policy  # the whole image fits: no table is needed
+        table = self.for_policy(policy, config, path)
+        chosen = Policy(replace(policy.config, head_budgets=table), policy.layout)
+        if policy.budget not in self.priors:
+            return chosen
+        lookahead = self.knobs[policy.budget]["lookahead"]
+        if chosen.lookahead != lookahead:
+            where = f" in '{path}'" if path else ""
+            raise UserError(f"The position prior{where} for {policy.budget} tokens was weighed "
+                            f"against LineAR's scores {lookahead} lines ahead, the policy "
+                            f"looks {chosen.lookahead}; pass --lookahead {lookahead} or "
+                            "calibrate again with yours.")
+        return Policy(replace(chosen.config, position_prior=self.priors[policy.budget],
+                              prior_weight=self.prior_weights[policy.budget]), policy.layout)
 
     def for_policy(self, policy: Policy, config: GPTConfig, path: str | Path = "") -> torch.Tensor:
         """The table for `policy`'s budget; an error if the model or the policy differ."""
@@ -72,6 +97,9 @@ class HeadBudgets:
                     "knobs": {str(tokens): knobs for tokens, knobs in self.knobs.items()}}
         tensors = {f"budget_{tokens}": table.to(torch.int64).contiguous()
                    for tokens, table in self.tables.items()}
+        for tokens, prior in self.priors.items():
+            tensors[f"prior_{tokens}"] = prior.float().contiguous()
+            tensors[f"prior_weight_{tokens}"] = self.prior_weights[tokens].float().contiguous()
         return save(tensors, metadata={"head_budgets": json.dumps(metadata)})
 
     def save(self, path: str | Path) -> None:
@@ -91,11 +119,15 @@ def load_head_budgets(path: str | Path) -> HeadBudgets:
         if metadata["format"] != FORMAT:
             raise ValueError(metadata["format"])
         knobs = {int(tokens): value for tokens, value in metadata["knobs"].items()}
-        tables = {int(name.removeprefix("budget_")): table for name, table in tensors.items()}
-        if set(tables) != set(knobs):
-            raise ValueError("tables and knobs differ")
+        tables, priors, weights = ({int(name.removeprefix(prefix)): tensor
+                                    for name, tensor in tensors.items()
+                                    if name.startswith(prefix) and name[len(prefix)].isdigit()}
+                                   for prefix in ("budget_", "prior_", "prior_weight_"))
+        if set(tables) != set(knobs) or set(priors) != set(weights) or not set(priors) <= set(
+                tables) or len(tensors) != len(tables) + len(priors) + len(weights):
+            raise ValueError("tables, priors and knobs differ")
     except (SafetensorError, ValueError, KeyError, TypeError):
         raise UserError(f"'{path}' is not a head budgets file of this linear-export version; "
                         "make one with linear-export calibrate.") from None
     return HeadBudgets(tables, tuple(metadata["grid"]), metadata["n_layer"],
-                       metadata["n_kv_head"], knobs, metadata.get("source", ""))
+                       metadata["n_kv_head"], knobs, metadata.get("source", ""), priors, weights)
