@@ -73,7 +73,6 @@ def calibrate_position_prior(model: GPT, tokens: torch.Tensor, labels: list[int]
             on_batch(len(labels[chunk]))
     prior = (prior / prior.sum(-1, keepdim=True).clamp(min=1e-12)).float()
     heads = prior.shape[1:3]
-    zero = torch.zeros(heads)
 
     def weighted(weight: torch.Tensor) -> Policy:
         return Policy(replace(policy.config, position_prior=prior, prior_weight=weight), layout)
@@ -83,7 +82,7 @@ def calibrate_position_prior(model: GPT, tokens: torch.Tensor, labels: list[int]
                           for weight in (0.0, *WEIGHTS)])
     candidate = torch.tensor((0.0, *WEIGHTS))[caught.argmax(0)]
     # 2. check: keep a head's candidate only where the emulated NLL drops
-    chosen = zero.clone()
+    chosen = torch.zeros(heads)
     before = best = _emulated_nll(model, weighted(chosen), batches)
     for layer, head in candidate.nonzero().tolist():
         trial = chosen.clone()
