@@ -49,7 +49,8 @@ DEMO_CALIBRATION_START = 1000  # held-out demo images from here on: none that ev
 @click.option("--position-prior/--no-position-prior", default=True, show_default=True,
               help="Also calibrate the position prior: per head, where later lines read on "
                    "average, blended into LineAR's ranking where it lowers the calibration "
-                   "images' NLL (about 2-4x the time of the table alone).")
+                   "images' NLL (minutes per budget where the table takes seconds: one "
+                   "masked forward pass over the images per head it tries).")
 @click.option("--images", type=int, default=100, show_default=True,
               help="Images the budgets are averaged over.")
 @click.option("--source", type=click.Choice(SOURCES), default="auto", show_default=True,
