@@ -126,7 +126,7 @@ def load_head_budgets(path: str | Path) -> HeadBudgets:
         if set(tables) != set(knobs) or set(priors) != set(weights) or not set(priors) <= set(
                 tables) or len(tensors) != len(tables) + len(priors) + len(weights):
             raise ValueError("tables, priors and knobs differ")
-    except (SafetensorError, ValueError, KeyError, TypeError):
+    except (SafetensorError, ValueError, KeyError, TypeError, IndexError):
         raise UserError(f"'{path}' is not a head budgets file of this linear-export version; "
                         "make one with linear-export calibrate.") from None
     return HeadBudgets(tables, tuple(metadata["grid"]), metadata["n_layer"],
