@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
+from ..models.attention import pool_args
 from ..models.gpt import GPT
 from ..runtime.cache import KVCache
 from .base import scoring_positions
@@ -76,10 +77,9 @@ class DecodeGraphs:
         self.cache_len.fill_(cache.cache_len)
 
         def run() -> tuple[torch.Tensor, ...]:
-            pooled = {} if cache.owner is None else {"slot_owner": cache.owner}
             return self.model.step(input_ids, position_ids, cache.key, cache.value,
                                    self.cache_len, score_position_ids=score_position_ids,
-                                   **pooled)
+                                   **pool_args(cache.owner))
 
         # Warm up on a side stream so lazy initialisation (cuBLAS handles, autotuning) is
         # not captured; the step never writes the cache, so running it here is harmless.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..models.attention import pool_args
 from ..models.gpt import GPT
 from ..runtime.cache import KVCache
 from .base import StepOutput
@@ -57,5 +58,5 @@ class TorchEngine:
             logits, present_key, present_value, attn_mass = self.model.step(
                 input_ids, position_ids, cache.key, cache.value, self._cache_len,
                 inputs_embeds=embeds, score_position_ids=score_position_ids,
-                **({} if cache.owner is None else {"slot_owner": cache.owner}))
+                **pool_args(cache.owner))
         return StepOutput(logits, present_key, present_value, attn_mass if need_scores else None)

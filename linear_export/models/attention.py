@@ -112,6 +112,12 @@ def _one_pool(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     return left @ right
 
 
+def pool_args(slot_owner: torch.Tensor | None) -> dict:
+    """A step's keyword arguments for a head-shared pool's owners: none for a plain cache,
+    whose step (and every family's step without a pool) does not take slot_owner."""
+    return {} if slot_owner is None else {"slot_owner": slot_owner}
+
+
 def live_slots(capacity: int, cache_len: torch.Tensor) -> torch.Tensor:
     """[B or 1, C] bool: slot < cache_len."""
     return torch.arange(capacity, device=cache_len.device) < cache_len.reshape(-1, 1)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import cached_attention, live_slots
+from .attention import cached_attention, live_slots, pool_args
 from .configs import GPTConfig, SequenceLayout
 from .rope import apply_rope, rope_table_2d
 
@@ -230,11 +230,10 @@ class StepModule(nn.Module):
 
     def run(self, input_ids, position_ids, past_key, past_value, cache_len, slot_owner,
             score_position_ids):
-        # Only a head-shared pool passes slot_owner: other families' steps do not take it.
-        pooled = {} if slot_owner is None else {"slot_owner": slot_owner}
         logits, present_key, present_value, attn_mass = self.model.step(
             input_ids, position_ids, past_key, past_value, cache_len,
-            score_position_ids=score_position_ids if self.with_scores else None, **pooled,
+            score_position_ids=score_position_ids if self.with_scores else None,
+            **pool_args(slot_owner),
         )
         if self.with_scores:
             return logits, present_key, present_value, attn_mass
