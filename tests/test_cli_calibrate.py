@@ -61,6 +61,7 @@ def test_generate_with_head_budgets_on_torch_and_ort(head_budgets, tmp_path,
     (["--policy", "streaming", "--budget", "2lines"], "drop it for --policy streaming"),
     (["--budget", "3lines"], "no table for a budget of 12"),
     (["--budget", "2lines", "--recent-lines", "2"], "pass the same --recent-lines"),
+    (["--budget", "2lines", "--lookahead", "2"], "pass --lookahead 4"),
 ])
 def test_head_budgets_that_do_not_fit_are_one_sentence(head_budgets, args, phrase) -> None:
     result = run("generate", *TINY, "--classes", "1", "--head-budgets", str(head_budgets), *args)
