@@ -26,23 +26,25 @@ def model_for(name: str = "GPT-tiny", dtype: torch.dtype = torch.float32, seed: 
 
 
 def built(name: str = "GPT-tiny", dtype: torch.dtype = torch.float32,
-          with_noscores: bool = False, capacity: int | None = None,
-          split_cache: bool = False, head_shared: bool = False) -> Path:
-    """An artifact of a tiny model (std 0.2 weights, seed 0); read-only for tests: copy it first."""
+          capacity: int | None = None, split_cache: bool = False, head_shared: bool = False,
+          attention: str = "gqa") -> Path:
+    """An artifact of a tiny model (std 0.2 weights, seed 0); read-only for tests: copy it first.
+
+    The fused attention kernel needs split_cache (export.onnx_step.decode_kernel)."""
     capacity = capacity or model_for(name).layout.length
-    return _built(name, dtype, with_noscores, capacity, split_cache, head_shared)
+    return _built(name, dtype, capacity, split_cache, head_shared, attention)
 
 
 @functools.cache  # keyed on the normalised arguments, however the caller spelled them
-def _built(name: str, dtype: torch.dtype, with_noscores: bool, capacity: int,
-           split_cache: bool, head_shared: bool) -> Path:
+def _built(name: str, dtype: torch.dtype, capacity: int, split_cache: bool,
+           head_shared: bool, attention: str) -> Path:
     model = model_for(name, dtype)
-    out = _ROOT / (f"{name}-{str(dtype)[6:]}-{capacity}-{int(with_noscores)}-{int(split_cache)}"
-                   f"-{int(head_shared)}")
+    out = _ROOT / (f"{name}-{str(dtype)[6:]}-{capacity}-{int(split_cache)}"
+                   f"-{int(head_shared)}-{attention}")
     build_artifact(model, out, model_name=name, image_size=SIDE * model.config.downsample,
                    weights={"source": "random", "seed": 0, "std": 0.2}, capacity=capacity,
                    build_options={"policy": "full", "budget": None}, max_batch=8,
-                   with_noscores=with_noscores, split_cache=split_cache, head_shared=head_shared)
+                   split_cache=split_cache, head_shared=head_shared, attention=attention)
     return out
 
 

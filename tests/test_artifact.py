@@ -22,7 +22,7 @@ from linear_export.export.artifact import (
 )
 from linear_export.export.onnx_step import TensorSpec
 
-TINY = {"name": "GPT-tiny", "with_noscores": True}
+TINY = {"name": "GPT-tiny"}
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def test_manifest_fields() -> None:
     artifact = load_artifact(built(**TINY))
     manifest = artifact.manifest
     model = model_for()
-    assert manifest["schema_version"] == SCHEMA_VERSION == 4
+    assert manifest["schema_version"] == SCHEMA_VERSION == 5
     assert manifest["model"]["name"] == "GPT-tiny"
     assert manifest["model"]["config"] == asdict(model.config)
     assert manifest["layout"] == {"prefix": 1, "height": 6, "width": 6}
@@ -49,16 +49,19 @@ def test_manifest_fields() -> None:
         "input_ids", "position_ids", "past_key", "past_value", "cache_len", "score_position_ids"]
     assert step_io["inputs"][2]["shape"] == [2, "batch", 4, 37, 16]
     assert step_io["inputs"][4] == {"name": "cache_len", "dtype": "int64", "shape": []}
-    assert [spec["name"] for spec in manifest["io"]["step_noscores.onnx"]["outputs"]] == [
-        "logits", "present_key", "present_value"]
-    assert set(manifest["files"]) == {"step.onnx", "step.onnx.data", "step_noscores.onnx"}
+    assert [spec["name"] for spec in manifest["io"]["step_decode.onnx"]["outputs"]] == [
+        "logits", "present_key", "present_value", "present_query"]
+    assert [spec["name"] for spec in manifest["io"]["score.onnx"]["outputs"]] == ["line_mass"]
+    assert set(manifest["files"]) == {"step.onnx", "step.onnx.data", "step_decode.onnx",
+                                      "score.onnx"}
     for name, entry in manifest["files"].items():
         assert entry["sha256"] == sha256_file(artifact.path / name)
         assert entry["bytes"] == (artifact.path / name).stat().st_size
     for tool in ("torch", "onnx", "onnxruntime", "linear_export"):
         assert manifest["tools"][tool]
     assert manifest["build"]["max_batch"] == 8
-    assert manifest["build"]["variants"] == ["step.onnx", "step_noscores.onnx"]
+    assert manifest["build"]["variants"] == ["score.onnx", "step.onnx", "step_decode.onnx"]
+    assert manifest["build"]["attention"] == "math"  # stacked cache inputs: no fused kernel
     assert manifest["weights"] == {"source": "random", "seed": 0, "std": 0.2}
     assert (artifact.capacity, artifact.dtype, artifact.layout) == (37, torch.float32,
                                                                     model.layout)
@@ -77,8 +80,8 @@ def test_reference_model_is_rebuilt_from_the_manifest() -> None:
      "step.onnx.data is corrupt (sha256 mismatch); rebuild with linear-export build --force."),
     (lambda d: (d / "step.onnx").unlink(),
      "step.onnx is missing from artifact"),
-    (lambda d: (d / "step_noscores.onnx").write_bytes(b"short"),
-     "step_noscores.onnx is corrupt (size 5 bytes"),
+    (lambda d: (d / "step_decode.onnx").write_bytes(b"short"),
+     "step_decode.onnx is corrupt (size 5 bytes"),
     (lambda d: (d / "manifest.json").write_text("{not json"),
      "manifest.json in"),
     (lambda d: (d / "manifest.json").unlink(),
@@ -117,9 +120,17 @@ def build_tiny(out: Path, **options):
                           **options)
 
 
+def fake_sharing_export(model, directory: Path, main: Path, *, name: str, **_):
+    """Stands in for the decode and score graphs' export (a graph beside main's weights)."""
+    (directory / name).write_bytes(b"graph")
+    return [], []
+
+
 def test_no_overwrite_without_force_and_force_replaces(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(artifact_module, "export_step", lambda model, path, **kw:
                         fake_export(path))
+    for name in ("export_decode_sharing", "export_score_sharing"):
+        monkeypatch.setattr(artifact_module, name, fake_sharing_export)
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")

@@ -135,7 +135,7 @@ def test_ort_engine_on_cuda_matches_torch() -> None:
         pytest.skip("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
     from linear_export.engines.ort import OrtEngine, fit_policy
 
-    engine = OrtEngine(built("GPT-tiny", with_noscores=True, split_cache=True), device="cuda")
+    engine = OrtEngine(built("GPT-tiny", split_cache=True), device="cuda")
     reference = TorchEngine(model_for().to("cuda"))
     for policy in policies(reference.layout):
         fitted = fit_policy(policy, engine.capacity)

@@ -102,7 +102,7 @@ def artifact(model, tmp_path_factory):
     out = tmp_path_factory.mktemp("t2i") / "artifact"
     build_artifact(model, out, model_name="t2i-tiny", image_size=12, capacity=policy.capacity,
                    weights={"source": "random", "seed": 3, "std": 0.1},
-                   build_options={"policy": "linear"}, max_batch=4, with_noscores=True)
+                   build_options={"policy": "linear"}, max_batch=4)
     return out
 
 

@@ -11,8 +11,10 @@ from linear_export.engines.ort import OrtEngine
 from linear_export.export.artifact import load_artifact
 from linear_export.export.compare import TOLERANCES
 from linear_export.export.onnx_step import (
+    DECODE_OUTPUTS,
     INPUT_NAMES,
     OUTPUT_NAMES,
+    SCORE_INPUTS,
     TensorSpec,
     _check_no_cache_sized_values,
     _match,
@@ -21,7 +23,7 @@ from linear_export.export.split_cache import split_cache_inputs
 from linear_export.runtime.cache import CacheShape, KVCache
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-TINY = {"name": "GPT-tiny", "with_noscores": True}  # one artifact shared by most tests
+TINY = {"name": "GPT-tiny"}  # one artifact shared by most tests
 # LineAR's capacity for 2 of 6 lines (1 + 12 + 6), with one cache input per layer.
 PER_LAYER = {"name": "GPT-tiny", "capacity": 19, "split_cache": True}
 ARTIFACTS = {"GPT-tiny": TINY, "GPT-tiny-gqa": {"name": "GPT-tiny-gqa"},
@@ -50,17 +52,33 @@ def test_graph_io_is_the_contract_with_symbolic_batch_and_steps() -> None:
     assert opset[""] == 18
 
 
-def test_checker_passes_and_the_score_free_variant_shares_the_weights() -> None:
+def test_checker_passes_and_the_decode_and_score_graphs_share_the_weights() -> None:
     directory = built(**TINY)
-    for name in ("step.onnx", "step_noscores.onnx"):
+    for name in ("step.onnx", "step_decode.onnx", "score.onnx"):
         onnx.checker.check_model(str(directory / name))  # path form: external data checked
         graph = onnx.load(str(directory / name), load_external_data=False).graph
         locations = {entry.value for tensor in graph.initializer
                      for entry in tensor.external_data if entry.key == "location"}
-        assert locations == {"step.onnx.data"}
+        assert locations <= {"step.onnx.data"}
     assert sorted(p.name for p in directory.glob("*.data")) == ["step.onnx.data"]
-    graph = onnx.load(str(directory / "step_noscores.onnx"), load_external_data=False).graph
-    assert [value.name for value in graph.output] == list(OUTPUT_NAMES[:3])
+    graph = onnx.load(str(directory / "step_decode.onnx"), load_external_data=False).graph
+    assert [value.name for value in graph.output] == list(DECODE_OUTPUTS)  # stacked: no GQA
+    graph = onnx.load(str(directory / "score.onnx"), load_external_data=False).graph
+    assert [value.name for value in graph.input] == list(SCORE_INPUTS)
+    assert [dims(value) for value in graph.output] == [[2, dims(graph.input[0])[1], 4, 37]]
+
+
+def test_the_fused_decode_step_is_one_group_query_attention_per_layer() -> None:
+    directory = built(**PER_LAYER)
+    graph = onnx.load(str(directory / "step_decode.onnx"), load_external_data=False).graph
+    fused = [node for node in graph.node if node.op_type == "GroupQueryAttention"]
+    assert len(fused) == 2 and {node.domain for node in fused} == {"com.microsoft"}
+    assert not {"Softmax"} & {node.op_type for node in graph.node}  # no unfused attention
+    assert [value.name for value in graph.output] == [
+        *DECODE_OUTPUTS, "key_cache.0", "key_cache.1", "value_cache.0", "value_cache.1"]
+    assert [node.input[3] for node in fused] == ["past_key.0", "past_key.1"]  # read in place
+    assert load_artifact(directory).attention == "gqa"
+    assert load_artifact(built(**TINY)).attention == "math"  # stacked inputs cannot alias
 
 
 def test_no_value_in_the_graph_has_the_whole_cache_shape() -> None:
@@ -143,17 +161,47 @@ def test_ort_matches_pytorch_step_fp16() -> None:
         assert_close(engine, model, batch, steps, cache_len, TOLERANCES["fp16"])
 
 
-def test_score_free_variant_matches_the_scored_one() -> None:
-    model, engine = model_for(), OrtEngine(built(**TINY))
-    assert engine.has_noscores()
-    ids, positions, cache = step_inputs(model, 3, 2, 9, torch.float32)
-    scored = engine.step(ids, positions, cache, need_scores=True)
-    scored = [scored.logits.clone(), scored.present_key.clone(), scored.present_value.clone()]
-    fast = engine.step(ids, positions, cache, need_scores=False)
-    assert fast.attn_mass is None
-    for got, want in zip((fast.logits, fast.present_key, fast.present_value), scored,
-                         strict=True):
-        assert torch.equal(got, want)
+@pytest.mark.parametrize("name", list(ARTIFACTS))
+@pytest.mark.parametrize(("batch", "steps", "cache_len"),
+                         [(1, 1, 0), (3, 1, 9), (3, 1, 18), (2, 4, 0)])
+def test_decode_step_matches_pytorch(name: str, batch: int, steps: int, cache_len: int) -> None:
+    """The decode step (fused where the artifact has it) against model.decode, fp32 1e-4;
+    the fused kernel writes exactly the step's keys and values at cache_len, nothing else."""
+    engine = OrtEngine(built(**ARTIFACTS[name]))
+    model = model_for(ARTIFACTS[name]["name"])
+    cache_len = min(cache_len, engine.capacity - steps)
+    ids, positions, cache = step_inputs(model, batch, steps, cache_len, torch.float32,
+                                        engine.capacity)
+    before = cache.key.clone(), cache.value.clone()
+    with torch.no_grad():
+        want = model.decode(ids, positions, before[0], before[1], cache.cache_len_tensor())
+    out = engine.step(ids, positions, cache)
+    assert out.attn_mass is None
+    for got, expected, label in zip((out.logits, out.present_key, out.present_value,
+                                     out.present_query), want[:4], DECODE_OUTPUTS, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0, msg=label)
+    end = cache_len + steps
+    for tensor, old, present in zip((cache.key, cache.value), before,
+                                    (out.present_key, out.present_value), strict=True):
+        assert torch.equal(tensor[:, :, :, :cache_len], old[:, :, :, :cache_len])
+        assert torch.equal(tensor[:, :, :, end:], old[:, :, :, end:])
+        if engine.in_place:
+            torch.testing.assert_close(tensor[:, :, :, cache_len:end], present)
+
+
+@pytest.mark.parametrize("name", list(ARTIFACTS))
+def test_score_graph_matches_pytorch(name: str) -> None:
+    engine = OrtEngine(built(**ARTIFACTS[name]))
+    model = model_for(ARTIFACTS[name]["name"])
+    config = model.config
+    _, _, cache = step_inputs(model, 3, 1, 15, torch.float32, engine.capacity)
+    queries = torch.randn(config.n_layer, 3, config.n_head, 6, config.head_dim)
+    shifts = torch.tensor([6, 12, 18])
+    got = engine.score_line(queries, shifts, cache)
+    with torch.no_grad():
+        want = model.line_scores(queries, shifts, cache.key, cache.cache_len_tensor())
+    assert want[..., :15].sum() > 0 and not want[..., 15:].any()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
 def test_per_layer_cache_inputs_are_bound_without_a_gather() -> None:

@@ -20,7 +20,7 @@ from linear_export.runtime.policies import Policy, PolicyConfig
 from linear_export.runtime.sampling import SamplingConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-TINY = {"name": "GPT-tiny", "with_noscores": True}
+TINY = {"name": "GPT-tiny"}
 GREEDY = SamplingConfig(cfg_scale=4.0, temperature=0.0)
 
 
@@ -70,8 +70,10 @@ def test_lockstep_comparison_passes_with_polygraphy() -> None:
     assert report.steps == 36 and report.free_run_token_mismatches == 0
     assert report.outputs["logits"].steps == 36
     assert report.outputs["attn_mass"].max_abs < 1e-5
-    # Steps that need no scores also ran (and matched) the score-free variant.
-    assert 0 < report.outputs["logits (noscores)"].steps < 36
+    # Every step also ran (and matched) the decode step, every scored line end the score graph.
+    assert report.outputs["present_query (decode)"].steps == 36
+    # A 2-line budget: lines 2, 3 and 4 end in an eviction (line 5's end is never reached).
+    assert report.outputs["line_mass"].steps == 3
     table = format_report(report)
     assert "logits" in table and "FAIL" not in table
 
@@ -105,7 +107,7 @@ def test_outputs_are_preallocated_once_per_shape() -> None:
         def __getattr__(self, name):
             return getattr(engine, name)
 
-        def step(self, input_ids, position_ids, cache, need_scores=True, **extra):
+        def step(self, input_ids, position_ids, cache, need_scores=False, **extra):
             out = engine.step(input_ids, position_ids, cache, need_scores, **extra)
             key = (tuple(input_ids.shape), out.attn_mass is not None)
             pointers = (out.logits.data_ptr(), out.present_key.data_ptr(),
@@ -144,7 +146,7 @@ def test_optimized_model_is_cached_beside_the_artifact(tmp_path, monkeypatch) ->
     shutil.copytree(built(**TINY), directory, ignore=shutil.ignore_patterns(".ort"))
     OrtEngine(directory)
     cached = sorted((directory / ".ort").glob("*/model.onnx"))
-    assert len(cached) == 2  # step and step_noscores
+    assert len(cached) == 2  # step_decode and score; the scored step loads when first run
     loaded = []
     real = ort_module.ort.InferenceSession
 
@@ -156,10 +158,10 @@ def test_optimized_model_is_cached_beside_the_artifact(tmp_path, monkeypatch) ->
     OrtEngine(directory)
     assert sorted(loaded) == sorted(str(path) for path in cached)
     # A newer source makes the cache stale: the engine goes back to the artifact's graph.
-    (directory / "step.onnx").touch()
+    (directory / "step_decode.onnx").touch()
     loaded.clear()
     OrtEngine(directory)
-    assert str(directory / "step.onnx") in loaded
+    assert str(directory / "step_decode.onnx") in loaded
 
 
 def skewed_head_budgets(model) -> torch.Tensor:
@@ -174,9 +176,9 @@ def skewed_head_budgets(model) -> torch.Tensor:
 
 def test_head_shared_artifact_runs_per_head_budgets_as_torch_does() -> None:
     model = model_for("GPT-tiny-gqa")
-    engine = OrtEngine(built("GPT-tiny-gqa", capacity=19, split_cache=True, with_noscores=True,
+    engine = OrtEngine(built("GPT-tiny-gqa", capacity=19, split_cache=True,
                              head_shared=True))
-    assert engine.artifact.head_shared and engine.artifact.manifest["schema_version"] == 4
+    assert engine.artifact.head_shared and engine.artifact.manifest["schema_version"] == 5
     layout = model.layout
     pooled = Policy(PolicyConfig("linear", budget=12, head_budgets=skewed_head_budgets(model)),
                     layout)

@@ -111,7 +111,7 @@ def test_manifest_records_plans_version_and_gpu() -> None:
     updated = with_plans(manifest, record, plan)
     assert updated["files"] == {"step.onnx": {"sha256": "a", "bytes": 1}, **plan}
     assert updated["tensorrt"] is record and "tensorrt" not in manifest  # a copy
-    assert set(PLAN_NAMES) == {"step.onnx", "step_noscores.onnx"}
+    assert set(PLAN_NAMES) == {"step.onnx", "step_decode.onnx", "score.onnx"}
 
 
 def test_plans_from_another_gpu_or_version_are_refused() -> None:
@@ -172,7 +172,7 @@ def test_verify_says_why_tensorrt_is_skipped(tmp_path) -> None:
 @pytest.fixture(scope="module")
 def trt_artifact(tmp_path_factory):
     out = tmp_path_factory.mktemp("trt") / "tiny"
-    result = run("build", *TINY, "--policy", "full", "--max-batch", "8", "--with-noscores",
+    result = run("build", *TINY, "--policy", "full", "--max-batch", "8",
                  "--tensorrt", "--out", out)
     assert result.exit_code == 0, result.output
     return out

@@ -23,6 +23,7 @@ from ..export.artifact import (
 )
 from ..export.onnx_step import DEFAULT_OPSET
 from ..models import GPT_CONFIGS, SequenceLayout, get_config, init_weights
+from ..models.attention import ATTENTION_KERNELS
 from ..models.families import (
     FAMILIES,
     HF_FAMILIES,
@@ -43,10 +44,11 @@ def directory_bytes(path: Path) -> int:
 
 def build_from_options(
     *, checkpoint: str | None, random_weights: bool, model_name: str, image_size: int,
-    dtype: str, policy: str, budget: str, max_batch: int, with_noscores: bool, out: Path,
+    dtype: str, policy: str, budget: str, max_batch: int, out: Path,
     force: bool, seed: int = 0, opset: int = DEFAULT_OPSET, split_cache: bool = False,
     echo=lambda line: None, vq_checkpoint: str | None = None, vq_model: str = "VQ-16",
     family: str = "llamagen", max_prompt_tokens: int = 128, head_shared: bool = False,
+    attention: str = "gqa",
 ):
     """Validate, load the weights, export: shared by `build` and `generate --engine ort`."""
     check_family(family, checkpoint)
@@ -108,7 +110,7 @@ def build_from_options(
     artifact = build_artifact(
         model, out, model_name=model_name, image_size=image_size, weights=weights,
         capacity=chosen.capacity, build_options=options, max_batch=max_batch,
-        with_noscores=with_noscores, opset=opset, split_cache=split_cache,
+        opset=opset, split_cache=split_cache, attention=attention,
         head_shared=head_shared, force=force, log=stage, vq_decoder=vq_decoder,
     )
     stage("done")
@@ -139,8 +141,11 @@ def build_from_options(
 @click.option("--budget", default="1/4", show_default=True, help=f"Cache budget: {BUDGET_HELP}.")
 @click.option("--max-batch", type=int, default=64, show_default=True,
               help="Most rows per step (CFG doubles the rows).")
-@click.option("--with-noscores", is_flag=True,
-              help="Also export step_noscores.onnx, used on steps no policy needs scores for.")
+@click.option("--attention", type=click.Choice(ATTENTION_KERNELS), default=None,
+              help="The decode step's attention: gqa, ONNX Runtime's fused GroupQueryAttention "
+                   "(reads the bound cache and writes the step's keys into it in place; needs "
+                   "per-layer cache inputs and no --head-shared), or math, standard ONNX ops "
+                   "(what TensorRT parses). [default: gqa, math with --tensorrt]")
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True,
               help="ONNX opset.")
 @click.option("--cache-inputs", type=click.Choice(["stacked", "per-layer"]), default="per-layer",
@@ -172,7 +177,7 @@ def build_from_options(
 @click.option("--trt-timing-cache", type=click.Path(dir_okay=False), default=None,
               help="Timing cache file shared across builds [default: one inside the artifact].")
 def build(checkpoint, family, max_prompt_tokens, random_weights, seed, model_name, image_size,
-          dtype, policy, budget, max_batch, with_noscores, opset, cache_inputs, head_shared, out,
+          dtype, policy, budget, max_batch, attention, opset, cache_inputs, head_shared, out,
           force, tensorrt, trt_opt_batch, trt_workspace, trt_tf32, trt_timing_cache,
           vq_checkpoint, vq_model) -> None:
     """Export the decode step to ONNX: an artifact directory for the ort engine and verify.
@@ -185,11 +190,15 @@ def build(checkpoint, family, max_prompt_tokens, random_weights, seed, model_nam
     """
     started = time.perf_counter()
     echo = lambda line: click.echo(line, err=True)  # noqa: E731
+    if tensorrt and attention == "gqa":
+        raise UserError("--attention gqa is ONNX Runtime's own op, which TensorRT cannot parse; "
+                        "drop --attention (math is the default with --tensorrt).")
+    attention = attention or ("math" if tensorrt else "gqa")
     export = functools.partial(
         build_from_options,
         checkpoint=checkpoint, random_weights=random_weights, model_name=model_name,
         image_size=image_size, dtype=dtype, policy=policy, budget=budget, max_batch=max_batch,
-        with_noscores=with_noscores, seed=seed, opset=opset,
+        attention=attention, seed=seed, opset=opset,
         split_cache=cache_inputs == "per-layer", echo=echo, vq_checkpoint=vq_checkpoint,
         vq_model=vq_model, family=family, max_prompt_tokens=max_prompt_tokens,
         head_shared=head_shared,
@@ -261,7 +270,7 @@ def cached_artifact(
     return build_from_options(
         checkpoint=checkpoint, random_weights=checkpoint is None, model_name=model_name,
         image_size=image_size, dtype=dtype, policy=policy.name, budget=budget,
-        max_batch=max_batch, with_noscores=False, out=out, force=True, seed=seed,
+        max_batch=max_batch, out=out, force=True, seed=seed,
         split_cache=True, echo=echo,  # nobody sees this graph: the faster, copy-free form
         head_shared=policy.head_shared,
     )

@@ -17,7 +17,8 @@ class StepOutput:
     logits: torch.Tensor  # [B, V] float32, at the step's last position
     present_key: torch.Tensor  # [L, B, Hkv, T, D], this step's keys (post-RoPE) only
     present_value: torch.Tensor  # [L, B, Hkv, T, D]
-    attn_mass: torch.Tensor | None  # [L, B, H, C] float32; None when not asked for
+    attn_mass: torch.Tensor | None  # [L, B, H, C] float32; only from the scored step
+    present_query: torch.Tensor | None = None  # [L, B, H, T, D] post-RoPE; the decode step's
 
 
 class Engine(Protocol):
@@ -34,14 +35,25 @@ class Engine(Protocol):
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
         cache: KVCache,
-        need_scores: bool = True,
+        need_scores: bool = False,
         score_position_ids: torch.Tensor | None = None,
     ) -> StepOutput:
-        """Attend over the cache's live slots plus the step's own tokens; never writes the cache.
+        """Attend over the cache's live slots plus the step's own tokens.
 
-        attn_mass is measured with the step's queries rotated to `score_position_ids`
-        [B, R, T] (default: position_ids, their own positions), summed over the R rotations.
+        Without `need_scores`, the decode step: no attn_mass, the step's queries in
+        present_query. With it, the scored step: attn_mass measured with the queries rotated
+        to `score_position_ids` [B, R, T] (default: their own positions), summed over the R
+        rotations (H2O's every-step mass). Slots [0, cache_len) are never written; an engine
+        may write the step's own keys and values into slots [cache_len, cache_len + T),
+        exactly what the host then appends there.
         """
+        ...
+
+    def score_line(self, line_query: torch.Tensor, score_shifts: torch.Tensor,
+                   cache: KVCache) -> torch.Tensor:
+        """LineAR's line-end scores [L, B, Hkv, C] float32 (models' line_scores): the mass
+        the line's last Q queries [L, B, H, Q, D], moved by `score_shifts` [R] positions,
+        gave each live slot."""
         ...
 
 
@@ -81,11 +93,11 @@ def slot_owners(engine, cache: KVCache) -> torch.Tensor:
     return identity
 
 
-def without_scores(out: StepOutput, need_scores: bool) -> StepOutput:
-    """Hide an attention mass the graph computed anyway when the caller did not ask for it."""
-    if not need_scores and out.attn_mass is not None:
-        return StepOutput(out.logits, out.present_key, out.present_value, None)
-    return out
+def check_room(cache: KVCache, steps: int) -> None:
+    """Engines that write the step's keys into the cache need its slots to exist."""
+    if cache.cache_len + steps > cache.capacity:
+        raise RuntimeError(f"KV cache overflow: {cache.cache_len + steps} slots needed, "
+                           f"capacity {cache.capacity}")
 
 
 def scoring_positions(position_ids: torch.Tensor,

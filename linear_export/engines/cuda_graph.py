@@ -16,7 +16,7 @@ from ..errors import UserError
 from ..models.attention import pool_args
 from ..models.gpt import GPT
 from ..runtime.cache import KVCache
-from .base import scoring_positions
+from .base import StepOutput, scoring_positions
 
 WARMUP_RUNS = 2  # eager runs on a side stream before capture, as torch.cuda.graphs asks
 
@@ -37,12 +37,13 @@ class _Captured:
     cache_pointers: tuple[int, int, int]
     input_ids: torch.Tensor  # [B, 1] static inputs, copied into before each replay
     position_ids: torch.Tensor
-    score_position_ids: torch.Tensor  # [B, R, 1]: R scoring rotations of the one query
-    outputs: tuple[torch.Tensor, ...]  # logits, present_key, present_value, attn_mass
+    score_position_ids: torch.Tensor | None  # [B, R, 1]: the scored step's R rotations
+    outputs: StepOutput
 
 
 class DecodeGraphs:
-    """CUDA graphs of `model.step` for T = 1, one per batch size and scoring rotations."""
+    """CUDA graphs of the T = 1 step, one per batch size and variant: the decode step
+    (`model.decode`) or the scored one (`model.step`, per number of scoring rotations)."""
 
     def __init__(self, model: GPT, device: torch.device):
         check_cuda_graph_device(device)
@@ -51,35 +52,44 @@ class DecodeGraphs:
         self._graphs: dict[tuple[int, int], _Captured] = {}
 
     def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache,
-             score_position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+             need_scores: bool = False, score_position_ids: torch.Tensor | None = None
+             ) -> StepOutput:
         """The outputs of one decode step; overwritten by the next replay of the same batch."""
         batch = input_ids.shape[0]
-        scored = scoring_positions(position_ids, score_position_ids)
-        key = (batch, scored.shape[1])
+        scored = scoring_positions(position_ids, score_position_ids) if need_scores else None
+        key = (batch, 0 if scored is None else scored.shape[1])
         pointers = _cache_pointers(cache)
         captured = self._graphs.get(key)
         if captured is None or captured.cache_pointers != pointers:
             self._graphs.pop(key, None)  # frees the old graph's memory pool first
-            captured = self._capture(batch, scored.shape[1], cache)
+            captured = self._capture(batch, key[1], cache)
             self._graphs[key] = captured
         captured.input_ids.copy_(input_ids, non_blocking=True)
         captured.position_ids.copy_(position_ids.expand(batch, 1), non_blocking=True)
-        captured.score_position_ids.copy_(scored.expand(batch, -1, -1), non_blocking=True)
+        if scored is not None:
+            captured.score_position_ids.copy_(scored.expand(batch, -1, -1), non_blocking=True)
         self.cache_len.fill_(cache.cache_len)
         captured.graph.replay()
         return captured.outputs
 
     def _capture(self, batch: int, rotations: int, cache: KVCache) -> _Captured:
+        """`rotations` 0: the decode step; else the scored step with that many."""
         input_ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         position_ids = torch.full((batch, 1), self.model.layout.prefix, dtype=torch.long,
                                   device=self.device)
-        score_position_ids = position_ids[:, None].repeat(1, rotations, 1)
+        score_position_ids = (position_ids[:, None].repeat(1, rotations, 1) if rotations
+                              else None)
         self.cache_len.fill_(cache.cache_len)
 
-        def run() -> tuple[torch.Tensor, ...]:
-            return self.model.step(input_ids, position_ids, cache.key, cache.value,
-                                   self.cache_len, score_position_ids=score_position_ids,
-                                   **pool_args(cache.owner))
+        def run() -> StepOutput:
+            pool = pool_args(cache.owner)
+            if score_position_ids is None:
+                logits, key, value, query, _ = self.model.decode(
+                    input_ids, position_ids, cache.key, cache.value, self.cache_len, **pool)
+                return StepOutput(logits, key, value, None, query)
+            return StepOutput(*self.model.step(
+                input_ids, position_ids, cache.key, cache.value, self.cache_len,
+                score_position_ids=score_position_ids, **pool))
 
         # Warm up on a side stream so lazy initialisation (cuBLAS handles, autotuning) is
         # not captured; the step never writes the cache, so running it here is harmless.

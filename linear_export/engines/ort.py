@@ -16,11 +16,11 @@ import torch
 
 from ..errors import UserError
 from ..export.artifact import Artifact, directory_mode, load_artifact
-from ..export.onnx_step import SLOT_OWNER
-from ..export.split_cache import layer_input
+from ..export.onnx_step import IN_PLACE, SCORE_OUTPUT, SLOT_OWNER
+from ..export.split_cache import CACHE_INPUTS, layer_input
 from ..runtime.cache import KVCache
 from ..runtime.policies import Policy
-from .base import StepOutput, check_bound_cache, scoring_positions, slot_owners, without_scores
+from .base import StepOutput, check_bound_cache, check_room, scoring_positions, slot_owners
 
 NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 CACHE_DIR = ".ort"  # optimized models, inside the artifact directory they were made from
@@ -46,6 +46,7 @@ class _Bound:
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     score_position_ids: torch.Tensor | None  # the scored variant's only
+    in_place: bool = False  # the fused decode step: its caches out are the cache's buffers
     cache_pointers: tuple[int, ...] | None = None
 
 
@@ -85,14 +86,16 @@ class OrtEngine:
             raise UserError(f"The ort engine runs on cpu or cuda, not '{device}'.")
         self.threads = threads or os.cpu_count() or 1
         self.cache_optimized = cache_optimized
-        self.sessions = {True: self._session(self.artifact.step_path)}
-        if self.artifact.noscores_path is not None:
-            self.sessions[False] = self._session(self.artifact.noscores_path)
+        # The scored step (H2O) only when first asked for: most policies never run it.
+        self.sessions = {False: self._session(self.artifact.decode_path)}
+        self.score_session = self._session(self.artifact.score_path)
+        self.in_place = self.artifact.attention == "gqa"  # the decode step writes its K/V
         self.prefill_embeds = None  # a feature prefix's prefill (llamagen-t2i)
         if self.artifact.prefill_embeds_path is not None:
             self.prefill_embeds = self._session(self.artifact.prefill_embeds_path)
         if self.device.type == "cuda" and any("CUDAExecutionProvider" not in s.get_providers()
-                                              for s in self.sessions.values()):
+                                              for s in (*self.sessions.values(),
+                                                        self.score_session)):
             # ONNX Runtime falls back to the CPU silently when the CUDA libraries fail to load.
             raise UserError("onnxruntime's CUDA provider failed to load (CUDA or cuDNN libraries "
                             "missing or mismatched); install the onnxruntime-gpu build for this "
@@ -157,8 +160,10 @@ class OrtEngine:
                 shutil.rmtree(scratch, ignore_errors=True)
         return session
 
-    def has_noscores(self) -> bool:
-        return False in self.sessions
+    def _step_session(self, with_scores: bool) -> ort.InferenceSession:
+        if with_scores not in self.sessions:
+            self.sessions[with_scores] = self._session(self.artifact.step_path)
+        return self.sessions[with_scores]
 
     def _binding(self, with_scores: bool, batch: int, steps: int, rotations: int) -> _Bound:
         """One IOBinding per (variant, B, T, R), bound once to preallocated input/output tensors.
@@ -175,12 +180,17 @@ class OrtEngine:
                 present_value=torch.empty(present, dtype=self.dtype, device=dev),
                 attn_mass=torch.empty(config.n_layer, batch, config.n_head, self.capacity,
                                       dtype=torch.float32, device=dev) if with_scores else None,
+                present_query=None if with_scores else torch.empty(
+                    config.n_layer, batch, config.n_head, steps, config.head_dim,
+                    dtype=self.dtype, device=dev),
             )
             ids = [torch.zeros(shape, dtype=torch.long, device=dev)
                    for shape in ((batch, steps), (batch, steps), (batch, rotations, steps))]
-            bound = _Bound(self.sessions[with_scores].io_binding(), out, ids[0], ids[1],
-                           ids[2] if with_scores else None)
-            for name in ("logits", "present_key", "present_value", "attn_mass"):
+            bound = _Bound(self._step_session(with_scores).io_binding(), out, ids[0], ids[1],
+                           ids[2] if with_scores else None, in_place=not with_scores and
+                           self.in_place)
+            for name in ("logits", "present_key", "present_value", "attn_mass",
+                         "present_query"):
                 tensor = getattr(out, name)
                 if tensor is not None:
                     self._bind(bound.binding.bind_output, name, tensor)
@@ -207,10 +217,19 @@ class OrtEngine:
         self._bind_cache_inputs(bound.binding, cache)
         if owners is not None:
             self._bind(bound.binding.bind_input, SLOT_OWNER, owners)
+        if bound.in_place:
+            # GroupQueryAttention sees its cache output at its input's address and updates
+            # the cache in place (slots [cache_len, cache_len + T) only): no copy at all.
+            for name, tensor in zip(IN_PLACE, (cache.key, cache.value), strict=True):
+                for layer in range(self.config.n_layer):
+                    self._bind(bound.binding.bind_output, layer_input(name, layer),
+                               tensor[layer])
         bound.cache_pointers = pointers
 
-    def _bind_cache_inputs(self, binding: ort.IOBinding, cache: KVCache) -> None:
-        for name, tensor in (("past_key", cache.key), ("past_value", cache.value)):
+    def _bind_cache_inputs(self, binding: ort.IOBinding, cache: KVCache,
+                           names: tuple[str, ...] = CACHE_INPUTS) -> None:
+        for name in names:
+            tensor = cache.key if name == "past_key" else cache.value
             if self.artifact.split_cache:  # each layer's slice of the same storage
                 for layer in range(self.config.n_layer):
                     self._bind(binding.bind_input, layer_input(name, layer), tensor[layer])
@@ -222,20 +241,24 @@ class OrtEngine:
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
         cache: KVCache,
-        need_scores: bool = True,
+        need_scores: bool = False,
         score_position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> StepOutput:
-        """One step; the returned tensors are overwritten by the next call with the same shape.
+        """One step (Engine.step); the returned tensors are overwritten by the next call with
+        the same shape.
 
         `inputs_embeds` [B, T, E]: a prefix of features (llamagen-t2i captions), run through
         the artifact's embeddings prefill; it reports no attn_mass (the cache is empty then).
+        The fused decode step takes T > 1 only on an empty cache; other multi-token steps
+        run the scored step (and report attn_mass, not present_query).
         """
         batch, steps = input_ids.shape
         check_bound_cache(self, cache, batch, "the artifact's --max-batch")
+        check_room(cache, steps)
         if inputs_embeds is not None:
             return self._prefill_embeds(inputs_embeds, position_ids, cache)
-        with_scores = need_scores or not self.has_noscores()
+        with_scores = need_scores or (self.in_place and steps > 1 and cache.cache_len > 0)
         scored = scoring_positions(position_ids, score_position_ids) if with_scores else None
         bound = self._binding(with_scores, batch, steps, 0 if scored is None else scored.shape[1])
         # Only the tiny inputs are copied, into buffers bound once; nothing is allocated.
@@ -246,7 +269,27 @@ class OrtEngine:
         self._cache_len.fill_(cache.cache_len)
         self._bind_cache(bound, cache)
         self.sessions[with_scores].run_with_iobinding(bound.binding)
-        return without_scores(bound.out, need_scores)
+        return bound.out
+
+    def score_line(self, line_query: torch.Tensor, score_shifts: torch.Tensor,
+                   cache: KVCache) -> torch.Tensor:
+        """Once per line, so bound afresh each call; the result is a new tensor."""
+        config, batch = self.config, cache.shape.batch
+        mass = torch.empty(config.n_layer, batch, config.kv_heads, self.capacity,
+                           dtype=torch.float32, device=self.device)
+        query = line_query.to(self.device, self.dtype).contiguous()
+        shifts = score_shifts.to(self.device, torch.long).contiguous()
+        self._cache_len.fill_(cache.cache_len)
+        binding = self.score_session.io_binding()
+        for name, tensor in (("line_query", query), ("score_shifts", shifts),
+                             ("cache_len", self._cache_len)):
+            self._bind(binding.bind_input, name, tensor)
+        self._bind_cache_inputs(binding, cache, names=("past_key",))
+        if self.artifact.head_shared:
+            self._bind(binding.bind_input, SLOT_OWNER, slot_owners(self, cache))
+        self._bind(binding.bind_output, SCORE_OUTPUT, mass)
+        self.score_session.run_with_iobinding(binding)
+        return mass
 
     def _prefill_embeds(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
                         cache: KVCache) -> StepOutput:

@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..export.artifact import STEP, STEP_NOSCORES, Artifact, load_artifact
-from ..export.onnx_step import SLOT_OWNER
+from ..export.artifact import SCORE, STEP, STEP_DECODE, Artifact, load_artifact
+from ..export.onnx_step import SCORE_OUTPUT, SLOT_OWNER
 from ..export.split_cache import CACHE_INPUTS, layer_input
 from ..export.tensorrt import Profile, check_plan_compatible, require_tensorrt
 from ..runtime.cache import KVCache
-from .base import StepOutput, check_bound_cache, scoring_positions, slot_owners, without_scores
+from .base import StepOutput, check_bound_cache, scoring_positions, slot_owners
 
 
 @dataclass
@@ -87,26 +87,23 @@ class TrtEngine:
         self.family = self.artifact.family  # how the runtime drives the exported model
         self.capacity, self.dtype = self.artifact.capacity, self.artifact.dtype
         self.max_batch = int(record["max_batch"])
-        profiles = [Profile(p["name"], tuple(p["batch"]), tuple(p["steps"]),
-                            tuple(p["rotations"]))
-                    for p in record["profiles"]]
+        profiles, scoring = ([Profile(p["name"], tuple(p["batch"]), tuple(p["steps"]),
+                                      tuple(p["rotations"])) for p in record[key]]
+                             for key in ("profiles", "score_profiles"))
         # Every plan runs on torch's current stream, so torch ops before and after it are
         # ordered with it and no synchronisation is needed.
         self.stream = torch.cuda.current_stream(self.device)
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         with torch.cuda.device(self.device):
-            self.plans = {True: _Plan(trt, self._runtime, self.artifact.path /
-                                      record["plans"][STEP], profiles, self.stream.cuda_stream)}
-            if STEP_NOSCORES in record["plans"]:
-                self.plans[False] = _Plan(trt, self._runtime, self.artifact.path /
-                                          record["plans"][STEP_NOSCORES], profiles,
-                                          self.stream.cuda_stream)
+            def plan(graph: str, ranges: list[Profile]) -> _Plan:
+                return _Plan(trt, self._runtime, self.artifact.path / record["plans"][graph],
+                             ranges, self.stream.cuda_stream)
+
+            self.plans = {True: plan(STEP, profiles), False: plan(STEP_DECODE, profiles)}
+            self.score_plan = plan(SCORE, scoring)
         self._bindings: dict[tuple[bool, int, int], _Bound] = {}
         self._cache_len = torch.zeros((), dtype=torch.long, device=self.device)
         self._identity_owners: dict[torch.Size, torch.Tensor] = {}  # see slot_owners()
-
-    def has_noscores(self) -> bool:
-        return False in self.plans
 
     def _binding(self, with_scores: bool, batch: int, steps: int, rotations: int) -> _Bound:
         """Buffers per (variant, B, T, R); R: score_position_ids' rotations (0: no scores)."""
@@ -121,7 +118,10 @@ class TrtEngine:
                     present_value=torch.empty(present, dtype=self.dtype, device=dev),
                     attn_mass=torch.empty(config.n_layer, batch, config.n_head, self.capacity,
                                           dtype=torch.float32, device=dev)
-                    if with_scores else None),
+                    if with_scores else None,
+                    present_query=None if with_scores else torch.empty(
+                        config.n_layer, batch, config.n_head, steps, config.head_dim,
+                        dtype=self.dtype, device=dev)),
                 torch.zeros(batch, steps, dtype=torch.long, device=dev),
                 torch.zeros(batch, steps, dtype=torch.long, device=dev),
                 torch.zeros(batch, rotations, steps, dtype=torch.long, device=dev)
@@ -134,17 +134,21 @@ class TrtEngine:
                    "cache_len": self._cache_len}
         if bound.score_position_ids is not None:
             tensors["score_position_ids"] = bound.score_position_ids
-        if self.artifact.head_shared:
-            tensors[SLOT_OWNER] = slot_owners(self, cache)
+        tensors.update(self._cache_tensors(cache))
+        for name in ("logits", "present_key", "present_value", "attn_mass", "present_query"):
+            if getattr(bound.out, name) is not None:
+                tensors[name] = getattr(bound.out, name)
+        return tensors
+
+    def _cache_tensors(self, cache: KVCache) -> dict[str, torch.Tensor]:
+        """The cache (and a pool's owners) as the graphs take them."""
+        tensors = {SLOT_OWNER: slot_owners(self, cache)} if self.artifact.head_shared else {}
         for name, whole in zip(CACHE_INPUTS, (cache.key, cache.value), strict=True):
             if self.artifact.split_cache:  # each layer's slice of the same storage
                 tensors.update({layer_input(name, layer): whole[layer]
                                 for layer in range(self.config.n_layer)})
             else:
                 tensors[name] = whole
-        for name in ("logits", "present_key", "present_value", "attn_mass"):
-            if getattr(bound.out, name) is not None:
-                tensors[name] = getattr(bound.out, name)
         return tensors
 
     def step(
@@ -152,13 +156,14 @@ class TrtEngine:
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
         cache: KVCache,
-        need_scores: bool = True,
+        need_scores: bool = False,
         score_position_ids: torch.Tensor | None = None,
     ) -> StepOutput:
-        """One step; the returned tensors are overwritten by the next call with the same shape."""
+        """One step (Engine.step); the returned tensors are overwritten by the next call with
+        the same shape."""
         batch, steps = input_ids.shape
         check_bound_cache(self, cache, batch, "the TensorRT plans' max batch")
-        with_scores = need_scores or not self.has_noscores()
+        with_scores = need_scores
         plan = self.plans[with_scores]
         scored = scoring_positions(position_ids, score_position_ids) if with_scores else None
         rotations = 0 if scored is None else scored.shape[1]
@@ -184,4 +189,27 @@ class TrtEngine:
             plan.last_key[index] = key
         if not context.execute_async_v3(self.stream.cuda_stream):
             raise RuntimeError("TensorRT execute_async_v3 failed (see its log above)")
-        return without_scores(bound.out, need_scores)
+        return bound.out
+
+    def score_line(self, line_query: torch.Tensor, score_shifts: torch.Tensor,
+                   cache: KVCache) -> torch.Tensor:
+        """The score plan, once per line: shapes and addresses set on every call."""
+        config, batch = self.config, cache.shape.batch
+        plan = self.score_plan
+        context = plan.contexts[plan.profile_for(batch, line_query.shape[3],
+                                                 score_shifts.shape[0])]
+        mass = torch.empty(config.n_layer, batch, config.kv_heads, self.capacity,
+                           dtype=torch.float32, device=self.device)
+        self._cache_len.fill_(cache.cache_len)
+        tensors = {"line_query": line_query.to(self.device, self.dtype).contiguous(),
+                   "score_shifts": score_shifts.to(self.device, torch.long).contiguous(),
+                   "cache_len": self._cache_len, SCORE_OUTPUT: mass,
+                   **self._cache_tensors(cache)}
+        for name in plan.inputs:
+            context.set_input_shape(name, tuple(tensors[name].shape))
+        for name in plan.inputs + plan.outputs:
+            context.set_tensor_address(name, tensors[name].data_ptr())
+        plan.last_key = [None] * len(plan.contexts)
+        if not context.execute_async_v3(self.stream.cuda_stream):
+            raise RuntimeError("TensorRT execute_async_v3 failed (see its log above)")
+        return mass

@@ -35,28 +35,36 @@ class TorchEngine:
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
         cache: KVCache,
-        need_scores: bool = True,
+        need_scores: bool = False,
         score_position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> StepOutput:
-        """One step; `inputs_embeds` [B, T, dim] feeds a prefix that is no token (captions).
-
-        `score_position_ids` [B, R, T] (default position_ids): where the queries that measure
-        attn_mass are rotated to, R rotations of each (LineAR's lookahead); the mass sums them.
-        """
+        """One step (Engine.step); `inputs_embeds` [B, T, dim] feeds a prefix that is no token
+        (captions)."""
         input_ids, position_ids = input_ids.to(self.device), position_ids.to(self.device)
         if score_position_ids is not None and need_scores:
             score_position_ids = score_position_ids.to(self.device)
         else:
             score_position_ids = None
         if self.graphs is not None and input_ids.shape[1] == 1 and inputs_embeds is None:
-            logits, present_key, present_value, attn_mass = self.graphs.step(
-                input_ids, position_ids, cache, score_position_ids)
-        else:
-            self._cache_len.fill_(cache.cache_len)
-            embeds = None if inputs_embeds is None else inputs_embeds.to(self.device, self.dtype)
+            return self.graphs.step(input_ids, position_ids, cache, need_scores,
+                                    score_position_ids)
+        self._cache_len.fill_(cache.cache_len)
+        embeds = None if inputs_embeds is None else inputs_embeds.to(self.device, self.dtype)
+        pool = pool_args(cache.owner)
+        if need_scores:
             logits, present_key, present_value, attn_mass = self.model.step(
                 input_ids, position_ids, cache.key, cache.value, self._cache_len,
-                inputs_embeds=embeds, score_position_ids=score_position_ids,
-                **pool_args(cache.owner))
-        return StepOutput(logits, present_key, present_value, attn_mass if need_scores else None)
+                inputs_embeds=embeds, score_position_ids=score_position_ids, **pool)
+            return StepOutput(logits, present_key, present_value, attn_mass)
+        logits, present_key, present_value, present_query, _ = self.model.decode(
+            input_ids, position_ids, cache.key, cache.value, self._cache_len,
+            inputs_embeds=embeds, **pool)
+        return StepOutput(logits, present_key, present_value, None, present_query)
+
+    @torch.inference_mode()
+    def score_line(self, line_query: torch.Tensor, score_shifts: torch.Tensor,
+                   cache: KVCache) -> torch.Tensor:
+        self._cache_len.fill_(cache.cache_len)
+        return self.model.line_scores(line_query, score_shifts.to(self.device), cache.key,
+                                      self._cache_len, **pool_args(cache.owner))

@@ -25,19 +25,23 @@ from ..models.families.llamagen import LlamaGenC2I
 from ..models.gpt import GPT, init_weights
 from .onnx_step import (
     DEFAULT_OPSET,
+    decode_kernel,
+    export_decode_sharing,
     export_embeds_prefill_sharing,
-    export_noscores_sharing,
+    export_score_sharing,
     export_step,
 )
 
 # 2: the scored step takes score_position_ids; 3: shaped [B, R, T]; 4: a head-shared pool's
-# step takes slot_owner (build["head_shared"]). Version 3 artifacts read as before.
-SCHEMA_VERSION = 4
-READABLE_VERSIONS = (3, 4)
+# step takes slot_owner (build["head_shared"]); 5: the decode step (present_query, fused
+# attention: build["attention"]) and LineAR's line-end score graph replace step_noscores.
+SCHEMA_VERSION = 5
+READABLE_VERSIONS = (5,)
 MANIFEST = "manifest.json"
 STEP = "step.onnx"
 STEP_DATA = "step.onnx.data"
-STEP_NOSCORES = "step_noscores.onnx"
+STEP_DECODE = "step_decode.onnx"  # the decode step: no attn_mass, fused attention
+SCORE = "score.onnx"  # LineAR's line-end score (runs once per line)
 VQ_DECODER = "vq_decoder.onnx"
 PREFILL_EMBEDS = "prefill_embeds.onnx"  # families whose prefix is features (llamagen-t2i)
 UNCOND = "uncond.safetensors"  # llamagen-t2i: the learned uncond caption embedding, for CFG
@@ -134,8 +138,18 @@ class Artifact:
         return self.path / STEP
 
     @property
-    def noscores_path(self) -> Path | None:
-        return self.path / STEP_NOSCORES if STEP_NOSCORES in self.manifest["files"] else None
+    def decode_path(self) -> Path:
+        return self.path / STEP_DECODE
+
+    @property
+    def score_path(self) -> Path:
+        return self.path / SCORE
+
+    @property
+    def attention(self) -> str:
+        """The decode step's attention kernel: 'gqa' (fused, updates the cache in place) or
+        'math' (standard ONNX ops)."""
+        return self.manifest["build"]["attention"]
 
     @property
     def prefill_embeds_path(self) -> Path | None:
@@ -155,10 +169,10 @@ def build_artifact(
     capacity: int,
     build_options: dict,
     max_batch: int = 64,
-    with_noscores: bool = False,
     opset: int = DEFAULT_OPSET,
     split_cache: bool = True,
     head_shared: bool = False,
+    attention: str = "gqa",
     force: bool = False,
     log: Callable[[str], None] = lambda line: None,
     vq_decoder: tuple[torch.nn.Module, dict] | None = None,
@@ -169,6 +183,8 @@ def build_artifact(
     "sha256"} or {"source": "random", "seed", "std"}); `build_options` records the policy.
     `split_cache`: one cache input per layer (bound in place; see export/split_cache.py).
     `head_shared`: the steps take slot_owner, for per-head budgets (a head-shared pool).
+    `attention`: the decode step's kernel, 'gqa' (ONNX Runtime's fused GroupQueryAttention,
+    where split_cache and no pool allow it) or 'math' (standard ops: TensorRT).
     `vq_decoder`: (VQModel, record) adds `vq_decoder.onnx`; the record (model name, weights
     path and hash) goes into the manifest so verify can rebuild the PyTorch decoder.
     """
@@ -196,15 +212,18 @@ def build_artifact(
                                       head_shared=head_shared)
         io = {STEP: {"inputs": [s.to_json() for s in inputs],
                      "outputs": [s.to_json() for s in outputs]}}
-        if with_noscores:
-            log(f"exporting {STEP_NOSCORES} (sharing {STEP_DATA})")
-            inputs, outputs = export_noscores_sharing(model, staging, staging / STEP,
-                                                      capacity=capacity, max_batch=max_batch,
-                                                      opset=opset, name=STEP_NOSCORES,
-                                                      split_cache=split_cache,
-                                                      head_shared=head_shared)
-            io[STEP_NOSCORES] = {"inputs": [s.to_json() for s in inputs],
-                                 "outputs": [s.to_json() for s in outputs]}
+        kernel = decode_kernel(attention, split_cache, head_shared)
+        shared = {"capacity": capacity, "max_batch": max_batch, "opset": opset,
+                  "split_cache": split_cache, "head_shared": head_shared}
+        log(f"exporting {STEP_DECODE} ({kernel} attention, sharing {STEP_DATA})")
+        specs = export_decode_sharing(model, staging, staging / STEP, name=STEP_DECODE,
+                                      attention=kernel, **shared)
+        io[STEP_DECODE] = {"inputs": [s.to_json() for s in specs[0]],
+                           "outputs": [s.to_json() for s in specs[1]]}
+        log(f"exporting {SCORE}")
+        specs = export_score_sharing(model, staging, staging / STEP, name=SCORE, **shared)
+        io[SCORE] = {"inputs": [s.to_json() for s in specs[0]],
+                     "outputs": [s.to_json() for s in specs[1]]}
         caption_dim = getattr(model, "caption_dim", None)
         if caption_dim is not None:  # a feature prefix: its own prefill graph, and CFG's uncond
             from safetensors.torch import save_file
@@ -230,6 +249,7 @@ def build_artifact(
                              weights, {**build_options, "max_batch": max_batch,
                                        "cache_inputs": CACHE_LAYOUTS[split_cache],
                                        "head_shared": head_shared,
+                                       "attention": kernel,
                                        "variants": sorted(io),
                                        "export_seconds": round(export_seconds, 3)},
                              _hash_files(staging))

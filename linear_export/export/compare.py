@@ -19,15 +19,19 @@ from ..runtime.policies import Policy
 from ..runtime.sampling import SamplingConfig, guide
 
 OUTPUTS = ("logits", "present_key", "present_value", "attn_mass")
-NOSCORES = " (noscores)"
+DECODE = ("logits", "present_key", "present_value", "present_query")  # the decode step's
+DECODE_SUFFIX = " (decode)"
+LINE_MASS = "line_mass"  # the score graph's, once per line end
 # (atol, rtol) per output; an element passes when within either (Polygraphy's elemwise check).
 # fp32: the DESIGN's 1e-4 on logits. fp16: a few ulps of values of order 1-10, where torch's
 # and ORT's kernels round differently.
 TOLERANCES: dict[str, dict[str, tuple[float, float]]] = {
     "fp32": {"logits": (1e-4, 1e-4), "present_key": (1e-4, 1e-4),
-             "present_value": (1e-4, 1e-4), "attn_mass": (1e-5, 1e-4)},
+             "present_value": (1e-4, 1e-4), "attn_mass": (1e-5, 1e-4),
+             "present_query": (1e-4, 1e-4), LINE_MASS: (1e-4, 1e-4)},
     "fp16": {"logits": (5e-2, 2e-2), "present_key": (2e-2, 1e-2),
-             "present_value": (2e-2, 1e-2), "attn_mass": (5e-3, 2e-2)},
+             "present_value": (2e-2, 1e-2), "attn_mass": (5e-3, 2e-2),
+             "present_query": (2e-2, 1e-2), LINE_MASS: (5e-2, 2e-2)},
 }
 
 
@@ -72,9 +76,9 @@ class PolicyReport:
 class LockstepEngine:
     """Feeds the reference's inputs and cache to both engines; the loop follows the reference.
 
-    Every output of every step is compared with Polygraphy's SimpleCompareFunc. Scores are
-    always asked for, so attn_mass is checked on every step; when the loop needs no scores and
-    the candidate has a score-free variant, that variant is run and checked too.
+    Every output of every step is compared with Polygraphy's SimpleCompareFunc: the scored
+    step (attn_mass) and the decode step (present_query) both run on every step, and the
+    line-end score graph on every line end that scores.
     """
 
     name = "lockstep"
@@ -84,8 +88,8 @@ class LockstepEngine:
         self.config, self.layout = reference.config, reference.layout
         self.family = getattr(reference, "family", None)
         self.dtype, self.device = reference.dtype, reference.device
-        names = list(OUTPUTS) + [name + NOSCORES for name in OUTPUTS[:3]]
-        self.stats = {name: OutputStats(name, *tolerances[name.removesuffix(NOSCORES)])
+        names = [*OUTPUTS, *(name + DECODE_SUFFIX for name in DECODE), LINE_MASS]
+        self.stats = {name: OutputStats(name, *tolerances[name.removesuffix(DECODE_SUFFIX)])
                       for name in names}
         self.compare = SimpleCompareFunc(
             atol={name: stats.atol for name, stats in self.stats.items()},
@@ -97,7 +101,7 @@ class LockstepEngine:
         self._candidate_logits: list[torch.Tensor] = []  # this token's calls, one per group
 
     def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache,
-             need_scores: bool = True, score_position_ids: torch.Tensor | None = None,
+             need_scores: bool = False, score_position_ids: torch.Tensor | None = None,
              **prefix) -> StepOutput:
         """`prefix`: inputs_embeds for a feature prefix (llamagen-t2i), given to both."""
         reference = self.reference.step(input_ids, position_ids, cache, True,
@@ -106,15 +110,24 @@ class LockstepEngine:
                                         score_position_ids=score_position_ids, **prefix)
         # A feature prefill reports no attn_mass (nothing is cached yet to score).
         names = OUTPUTS if candidate.attn_mass is not None else OUTPUTS[:3]
-        self._compare(reference, candidate, names, "")
+        self._compare(*(_outputs(out, names, "") for out in (candidate, reference)))
         self._candidate_logits.append(candidate.logits.clone())  # buffers are reused
-        has_noscores = getattr(self.candidate, "has_noscores", lambda: False)()
-        if not need_scores and has_noscores and not prefix:
-            fast = self.candidate.step(input_ids, position_ids, cache, False)
-            self._compare(reference, fast, OUTPUTS[:3], NOSCORES)
         self.steps += 1
-        return StepOutput(reference.logits, reference.present_key, reference.present_value,
-                          reference.attn_mass if need_scores else None)
+        if need_scores or prefix:
+            return reference
+        # The decode step may write this step's keys at cache_len: what the host appends.
+        reference = self.reference.step(input_ids, position_ids, cache)
+        candidate = self.candidate.step(input_ids, position_ids, cache)
+        names = DECODE if candidate.present_query is not None else DECODE[:3]
+        self._compare(*(_outputs(out, names, DECODE_SUFFIX) for out in (candidate, reference)))
+        return reference
+
+    def score_line(self, line_query: torch.Tensor, score_shifts: torch.Tensor,
+                   cache: KVCache) -> torch.Tensor:
+        reference = self.reference.score_line(line_query, score_shifts, cache)
+        candidate = self.candidate.score_line(line_query, score_shifts, cache)
+        self._compare({LINE_MASS: candidate}, {LINE_MASS: reference})
+        return reference
 
     def generate(self, conditions: Sequence, policy: Policy, seed: int = 0):
         """A greedy generation that follows the reference, every step compared."""
@@ -142,16 +155,17 @@ class LockstepEngine:
             logits = guide(logits, self.cfg_scale)
         return logits.argmax(dim=-1)
 
-    def _compare(self, reference: StepOutput, candidate: StepOutput, names: Sequence[str],
-                 suffix: str) -> None:
-        def arrays(out: StepOutput) -> dict[str, np.ndarray]:
-            return {name + suffix: getattr(out, name).detach().cpu().numpy() for name in names}
-
+    def _compare(self, candidate: dict[str, np.ndarray], reference: dict[str, np.ndarray]
+                 ) -> None:
+        """Compare the same named outputs of both engines (stats keyed by those names)."""
         with G_LOGGER.verbosity(G_LOGGER.CRITICAL), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # Relative errors are taken against the second result: the reference.
-            results = self.compare(IterationResult(arrays(candidate), runner_name="candidate"),
-                                   IterationResult(arrays(reference), runner_name="reference"))
+            results = self.compare(
+                IterationResult({k: _array(v) for k, v in candidate.items()},
+                                runner_name="candidate"),
+                IterationResult({k: _array(v) for k, v in reference.items()},
+                                runner_name="reference"))
         for name, result in results.items():
             stats = self.stats[name]
             stats.steps += 1
@@ -161,6 +175,14 @@ class LockstepEngine:
                 stats.failed_steps += 1
                 if stats.first_failure is None:
                     stats.first_failure = self.steps
+
+
+def _outputs(out: StepOutput, names: Sequence[str], suffix: str) -> dict[str, torch.Tensor]:
+    return {name + suffix: getattr(out, name) for name in names}
+
+
+def _array(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().float().cpu().numpy()
 
 
 def compare_engines(

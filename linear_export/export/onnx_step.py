@@ -13,13 +13,27 @@ from pathlib import Path
 import onnx
 import torch
 
-from ..models.attention import MAX_LOOKAHEAD
-from ..models.gpt import GPT, EmbedsPrefillModule, PooledStepModule, StepModule
+from ..models.attention import MAX_LOOKAHEAD, exporting_attention
+from ..models.gpt import (
+    GPT,
+    DecodeModule,
+    EmbedsPrefillModule,
+    PooledStepModule,
+    ScoreModule,
+    StepModule,
+)
 from .split_cache import CACHE_INPUTS, layer_input, split_cache_inputs
 
 INPUT_NAMES = ("input_ids", "position_ids", "past_key", "past_value", "cache_len",
                "score_position_ids")
 OUTPUT_NAMES = ("logits", "present_key", "present_value", "attn_mass")
+# The decode step's: no attn_mass, the step's post-RoPE queries instead (for the score graph).
+DECODE_OUTPUTS = ("logits", "present_key", "present_value", "present_query")
+# The fused kernel's in-place caches, per layer [B, Hkv, C, D]: bound to the cache itself.
+IN_PLACE = ("key_cache", "value_cache")
+SCORE_INPUTS = ("line_query", "score_shifts", "past_key", "cache_len")
+SCORE_OUTPUT = "line_mass"  # [L, B, Hkv, C] float32
+QUERIES = "queries"  # line_query [L, B, H, Q, D]: the line's last Q queries
 SLOT_OWNER = "slot_owner"  # [L, B, Hkv, C] int64: the head-shared pool's owner of each slot
 DEFAULT_OPSET = 18
 BATCH, STEPS = "batch", "steps"  # the symbolic dims' names in the graph
@@ -46,8 +60,12 @@ def input_names(with_scores: bool, head_shared: bool = False) -> tuple[str, ...]
     return names
 
 
-def output_names(with_scores: bool) -> tuple[str, ...]:
-    return OUTPUT_NAMES if with_scores else OUTPUT_NAMES[:3]
+def output_names(with_scores: bool, n_in_place: int = 0) -> tuple[str, ...]:
+    """The scored step's outputs, or the decode step's (+ the fused kernel's per layer)."""
+    if with_scores:
+        return OUTPUT_NAMES
+    return DECODE_OUTPUTS + tuple(f"{name}.{layer}" for name in IN_PLACE
+                                  for layer in range(n_in_place))
 
 
 def example_inputs(model: GPT, capacity: int, with_scores: bool = True,
@@ -83,11 +101,14 @@ def export_step(
     opset: int = DEFAULT_OPSET,
     split_cache: bool = False,
     head_shared: bool = False,
+    attention: str = "math",
 ) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """Write `path` (+ `path.data`, all weights) and return its checked input/output specs.
 
+    `with_scores`: the scored step (attn_mass); without, the decode step (present_query).
     `split_cache`: per-layer cache inputs (see split_cache.py) instead of the stacked ones.
     `head_shared`: the step of a head-shared cache pool, which also takes `slot_owner`.
+    `attention`: the decode step's kernel (decode_kernel() says which one a build gets).
     """
     if capacity < 2:
         raise ValueError(f"capacity {capacity} is too small to export (need at least 2 slots)")
@@ -108,10 +129,14 @@ def export_step(
         del dynamic_shapes["score_position_ids"]
     if not head_shared:
         del dynamic_shapes[SLOT_OWNER]
-    module = (PooledStepModule if head_shared else StepModule)(model, with_scores=with_scores)
+    if with_scores:
+        module = (PooledStepModule if head_shared else StepModule)(model, with_scores=True)
+    else:
+        module = DecodeModule(model)
+    in_place = model.config.n_layer if not with_scores and attention == "gqa" else 0
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), exporting_attention(attention):
         # The exporter warns about every renamed axis and deprecated pytree internals: noise.
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", FutureWarning)
@@ -122,7 +147,7 @@ def export_step(
             dynamo=True,
             opset_version=opset,
             input_names=list(input_names(with_scores, head_shared)),
-            output_names=list(output_names(with_scores)),
+            output_names=list(output_names(with_scores, in_place)),
             dynamic_shapes=dynamic_shapes,
             external_data=True,
             verbose=False,
@@ -130,7 +155,14 @@ def export_step(
     if split_cache:
         split_cache_inputs(path, model.config.n_layer)
     onnx.checker.check_model(str(path))  # the path form, so external data is checked too
-    return check_step_graph(path, model, capacity, with_scores, split_cache, head_shared)
+    return check_step_graph(path, model, capacity, with_scores, split_cache, head_shared,
+                            in_place)
+
+
+def decode_kernel(requested: str, split_cache: bool, head_shared: bool) -> str:
+    """The decode step's attention kernel: the fused one needs each layer's cache as its own
+    input (to update it in place) and no slot owners; otherwise the standard ops."""
+    return requested if split_cache and not head_shared else "math"
 
 
 def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
@@ -142,7 +174,7 @@ def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
 
 def check_step_graph(
     path: Path, model: GPT, capacity: int, with_scores: bool, split_cache: bool = False,
-    head_shared: bool = False,
+    head_shared: bool = False, in_place: int = 0,
 ) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """Fail loudly unless the IO is the contract's, symbolic in B and T, with no cache copy."""
     path = Path(path)
@@ -170,8 +202,14 @@ def check_step_graph(
         TensorSpec("logits", "float32", (BATCH, config.vocab_size)),
         TensorSpec("present_key", float_name, present),
         TensorSpec("present_value", float_name, present),
-        TensorSpec("attn_mass", "float32", (layers, BATCH, heads, capacity)),
-    ][: None if with_scores else -1]
+    ]
+    if with_scores:
+        expected.append(TensorSpec("attn_mass", "float32", (layers, BATCH, heads, capacity)))
+    else:
+        expected.append(TensorSpec("present_query", float_name,
+                                   (layers, BATCH, heads, STEPS, dim)))
+        expected += [TensorSpec(name, float_name, cache[1:])
+                     for name in output_names(False, in_place)[len(DECODE_OUTPUTS):]]
     _match(inputs + outputs, expected, path.name)
     _check_no_cache_sized_values(proto, layers, capacity, path.name)
     return inputs, outputs
@@ -273,16 +311,16 @@ def _digest(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def export_noscores_sharing(
+def export_decode_sharing(
     model: GPT, directory: Path, main: Path, *, capacity: int, max_batch: int, opset: int,
-    name: str = "step_noscores.onnx", split_cache: bool = False, head_shared: bool = False,
+    name: str, split_cache: bool = False, head_shared: bool = False, attention: str = "math",
 ) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """Export the score-free variant into `directory/name`, sharing `main`'s weight file."""
-    scratch = Path(tempfile.mkdtemp(dir=directory, prefix=".noscores."))
+    """Export the decode step into `directory/name`, sharing `main`'s weight file."""
+    scratch = Path(tempfile.mkdtemp(dir=directory, prefix=".decode."))
     try:
         specs = export_step(model, scratch / name, capacity=capacity, with_scores=False,
                             max_batch=max_batch, opset=opset, split_cache=split_cache,
-                            head_shared=head_shared)
+                            head_shared=head_shared, attention=attention)
         share_external_data(scratch / name, main)
         # The graph now names main's data file, so it must sit beside it.
         os.replace(scratch / name, directory / name)
@@ -290,6 +328,62 @@ def export_noscores_sharing(
         shutil.rmtree(scratch, ignore_errors=True)
     onnx.checker.check_model(str(directory / name))
     return specs
+
+
+def export_score_sharing(
+    model: GPT, directory: Path, main: Path, *, capacity: int, max_batch: int, opset: int,
+    name: str, split_cache: bool = False, head_shared: bool = False,
+) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Export LineAR's line-end score graph (ScoreModule) into `directory/name`.
+
+    Inputs line_query [L, B, H, Q, D], score_shifts [R], past_key, cache_len (and slot_owner
+    for a head-shared pool); output line_mass [L, B, Hkv, C] float32.
+    """
+    config, batch_size = model.config, 2
+    cache = (config.n_layer, batch_size, config.kv_heads, capacity, config.head_dim)
+    # Example sizes B = 2, Q = 3, R = 5: distinct, and none is 1 (DESIGN.md's pitfall).
+    example = [torch.zeros(config.n_layer, batch_size, config.n_head, 3, config.head_dim,
+                           dtype=model.dtype),
+               torch.arange(5, dtype=torch.long), torch.zeros(cache, dtype=model.dtype),
+               torch.tensor(4, dtype=torch.long)]
+    batch = torch.export.Dim(BATCH, min=1, max=max(2, max_batch))
+    dynamic_shapes = {"line_query": {1: batch, 3: torch.export.Dim(QUERIES, min=1,
+                                                                   max=capacity)},
+                      "score_shifts": {0: torch.export.Dim(ROTATIONS, min=1,
+                                                           max=MAX_LOOKAHEAD)},
+                      "past_key": {1: batch}, "cache_len": None}
+    names = list(SCORE_INPUTS)
+    if head_shared:
+        example.append(torch.arange(config.kv_heads).view(1, 1, -1, 1).expand(cache[:4])
+                       .contiguous())
+        dynamic_shapes[SLOT_OWNER] = {1: batch}
+        names.append(SLOT_OWNER)
+    scratch = Path(tempfile.mkdtemp(dir=directory, prefix=".score."))
+    path = scratch / name
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.onnx.export(ScoreModule(model).eval(), tuple(example), str(path), dynamo=True,
+                              opset_version=opset, input_names=names,
+                              output_names=[SCORE_OUTPUT], dynamic_shapes=dynamic_shapes,
+                              external_data=True, verbose=False)
+        if split_cache:
+            split_cache_inputs(path, config.n_layer)
+        onnx.checker.check_model(str(path))
+        proto = onnx.load(str(path), load_external_data=False)
+        inputs = [_spec(value) for value in proto.graph.input]
+        outputs = [_spec(value) for value in proto.graph.output]
+        want = [TensorSpec(SCORE_OUTPUT, "float32", (config.n_layer, BATCH, config.kv_heads,
+                                                     capacity))]
+        _match(outputs, want, name)
+        if any(path.parent.glob("*.data")):
+            share_external_data(path, main)
+        os.replace(path, directory / name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    onnx.checker.check_model(str(directory / name))
+    return inputs, outputs
 
 
 EMBEDS_INPUTS = ("inputs_embeds", "position_ids", "past_key", "past_value", "cache_len")

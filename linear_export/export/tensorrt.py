@@ -20,10 +20,10 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..models.attention import DEFAULT_LOOKAHEAD, MAX_LOOKAHEAD
-from .artifact import MANIFEST, STEP, STEP_NOSCORES, sha256_file
+from .artifact import MANIFEST, SCORE, STEP, STEP_DECODE, sha256_file
 
 TIMING_CACHE = "tensorrt.timing_cache"  # inside the artifact, not hashed: it only speeds builds
-PLAN_NAMES = {STEP: "step.plan", STEP_NOSCORES: "step_noscores.plan"}
+PLAN_NAMES = {STEP: "step.plan", STEP_DECODE: "step_decode.plan", SCORE: "score.plan"}
 GiB = 2**30
 Shape = tuple[int, ...]
 
@@ -81,16 +81,28 @@ def profile_specs(prefix: int, max_batch: int, opt_batch: int) -> list[Profile]:
     return profiles
 
 
+def score_profile(width: int, capacity: int, max_batch: int, opt_batch: int) -> Profile:
+    """The score graph's one profile: its queries Q (a line's, `width` at most scored) take
+    the steps range, score_shifts' length the rotations range."""
+    return Profile("score", (1, opt_batch, max_batch), (1, width, max(width, capacity)),
+                   (1, DEFAULT_LOOKAHEAD, MAX_LOOKAHEAD))
+
+
 def dynamic_roles(inputs: list[dict]) -> dict[str, str]:
     """The graph's symbolic dim names -> 'batch' / 'steps' / 'rotations', read off input_ids
-    [B, T] and score_position_ids [B, R, T]."""
-    ids = next((spec for spec in inputs if spec["name"] == "input_ids"), None)
-    if ids is None or len(ids["shape"]) != 2 or not all(isinstance(d, str) for d in ids["shape"]):
+    [B, T] and score_position_ids [B, R, T] (the steps), or line_query [L, B, H, Q, D] and
+    score_shifts [R] (the score graph: Q takes the steps role)."""
+    specs = {spec["name"]: spec["shape"] for spec in inputs}
+    if "line_query" in specs:
+        query, shifts = specs["line_query"], specs.get("score_shifts", [None])
+        return {query[1]: "batch", query[3]: "steps", shifts[0]: "rotations"}
+    ids = specs.get("input_ids")
+    if ids is None or len(ids) != 2 or not all(isinstance(d, str) for d in ids):
         raise ValueError("the step graph's input_ids must have the symbolic shape [B, T]")
-    roles = {ids["shape"][0]: "batch", ids["shape"][1]: "steps"}
-    scored = next((spec for spec in inputs if spec["name"] == "score_position_ids"), None)
-    if scored is not None and len(scored["shape"]) == 3 and isinstance(scored["shape"][1], str):
-        roles.setdefault(scored["shape"][1], "rotations")
+    roles = {ids[0]: "batch", ids[1]: "steps"}
+    scored = specs.get("score_position_ids")
+    if scored is not None and len(scored) == 3 and isinstance(scored[1], str):
+        roles.setdefault(scored[1], "rotations")
     return roles
 
 
@@ -217,30 +229,34 @@ def add_tensorrt_plans(directory: Path, config: TrtBuildConfig,
     if config.max_batch > int(manifest["build"]["max_batch"]):
         raise UserError(f"TensorRT --max-batch {config.max_batch} exceeds the graph's "
                         f"{manifest['build']['max_batch']}; rebuild with a larger --max-batch.")
+    if manifest["build"]["attention"] != "math":
+        raise UserError(f"Artifact '{directory}' has ONNX Runtime's fused attention op, which "
+                        "TensorRT cannot parse; build it with --tensorrt (or --attention math).")
     profiles = profile_specs(int(manifest["layout"]["prefix"]), config.max_batch,
                              config.opt_batch)
+    scoring = [score_profile(int(manifest["layout"]["width"]), int(manifest["capacity"]),
+                             config.max_batch, config.opt_batch)]
     cache_path = Path(config.timing_cache) if config.timing_cache else directory / TIMING_CACHE
     timing = cache_path.read_bytes() if cache_path.is_file() else b""
     started = time.perf_counter()
     staged: dict[str, Path] = {}
     try:
-        for graph in (STEP, STEP_NOSCORES):
-            if graph not in manifest["io"]:
-                continue
+        for graph in PLAN_NAMES:
+            ranges = scoring if graph == SCORE else profiles
             log(f"building {PLAN_NAMES[graph]} from {graph} with TensorRT {trt.__version__} "
-                f"(profiles: {', '.join(profile.name for profile in profiles)})")
+                f"(profiles: {', '.join(profile.name for profile in ranges)})")
             handle, name = tempfile.mkstemp(dir=directory, prefix=".plan.")
             os.close(handle)  # build_plan writes it by path
             target = Path(name)
             staged[PLAN_NAMES[graph]] = target
-            timing = build_plan(trt, directory / graph, target, profiles,
+            timing = build_plan(trt, directory / graph, target, ranges,
                                 manifest["io"][graph]["inputs"], config, timing)
         _write_atomic(cache_path, timing)
         record = tensorrt_record(
             trt_version=trt.__version__, gpu=torch.cuda.get_device_name(),
             capability="{}.{}".format(*torch.cuda.get_device_capability()), config=config,
-            profiles=profiles, plans={graph: PLAN_NAMES[graph] for graph in manifest["io"]},
-            seconds=time.perf_counter() - started)
+            profiles=profiles, plans=dict(PLAN_NAMES), seconds=time.perf_counter() - started)
+        record["score_profiles"] = [asdict(profile) for profile in scoring]
         files = {}
         for name, path in staged.items():
             os.chmod(path, 0o644)  # mkstemp's 0600 would hide the plan from other users

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import cached_attention, live_slots, pool_args
+from .attention import cached_attention, decode_attention, line_mass, live_slots, pool_args
 from .configs import GPTConfig, SequenceLayout
-from .rope import apply_rope, rope_table_2d
+from .rope import apply_rope, rope_table_2d, rotate_pairs
 
 
 class RMSNorm(nn.Module):
@@ -93,6 +93,16 @@ class Attention(nn.Module):
         out, mass = cached_attention(q, k, v, past_key, past_value, live, score_q=score_q,
                                      slot_owner=slot_owner)
         return self.wo(out), k, v, mass
+
+    def decode(self, x: torch.Tensor, cos_sin: torch.Tensor, past_key: torch.Tensor,
+               past_value: torch.Tensor, cache_len: torch.Tensor,
+               slot_owner: torch.Tensor | None = None):
+        """The step without scores: block output, k, v, the post-RoPE q, and the cache as a
+        fused kernel leaves it (export only; see decode_attention)."""
+        q, k, v = self.project(x, cos_sin)
+        out, in_place = decode_attention(q, k, v, past_key, past_value, cache_len,
+                                         self.head_dim ** -0.5, slot_owner)
+        return self.wo(out), k, v, q, in_place
 
     def full(self, x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
         """Plain causal self-attention over the whole sequence (no cache)."""
@@ -202,6 +212,63 @@ class GPT(nn.Module):
         logits = self.output(self.norm(h[:, -1])).float()
         return logits, torch.stack(keys), torch.stack(values), torch.stack(masses)
 
+    def decode(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        past_key: torch.Tensor,
+        past_value: torch.Tensor,
+        cache_len: torch.Tensor,
+        inputs_embeds: torch.Tensor | None = None,
+        slot_owner: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list]:
+        """The decode step: `step()` without attn_mass, and this step's post-RoPE queries.
+
+        Returns logits [B, V] float32, present_key/present_value [L, B, Hkv, T, D],
+        present_query [L, B, H, T, D] (what line_scores() reads at a line end) and, only
+        when exported with the fused kernel, each layer's cache as that kernel leaves it
+        (decode_attention); an empty list otherwise.
+        """
+        cos_sin = self.rope[position_ids]
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.to(cos_sin.device)
+        keys, values, queries, in_place = [], [], [], []
+        for index, layer in enumerate(self.layers):
+            attn_out, k, v, q, updated = layer.attention.decode(
+                layer.attention_norm(h), cos_sin, past_key[index], past_value[index],
+                cache_len, None if slot_owner is None else slot_owner[index])
+            h = h + attn_out
+            h = h + layer.feed_forward(layer.ffn_norm(h))
+            keys.append(k)
+            values.append(v)
+            queries.append(q)
+            in_place += [] if updated is None else [updated]
+        logits = self.output(self.norm(h[:, -1])).float()
+        return logits, torch.stack(keys), torch.stack(values), torch.stack(queries), in_place
+
+    def rotate_queries(self, queries: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+        """Post-RoPE queries [..., Q, D] moved `shifts` [R] positions on: [..., R, Q, D].
+
+        RoPE composes, so a query moved by k lines is one more rotation, by the angles of
+        image position k lines down in column 0 (rows and columns rotate separately).
+        """
+        cos_sin = self.rope[self.layout.prefix + shifts]  # [R, D/2, 2]
+        return rotate_pairs(queries.unsqueeze(-3), cos_sin[:, None])
+
+    def line_scores(self, line_query: torch.Tensor, score_shifts: torch.Tensor,
+                    past_key: torch.Tensor, cache_len: torch.Tensor,
+                    slot_owner: torch.Tensor | None = None) -> torch.Tensor:
+        """LineAR's scores at a line end, [L, B, Hkv, C] float32 (attention.line_mass).
+
+        `line_query` [L, B, H, Q, D]: the finished line's last Q queries (decode()'s
+        present_query), rotated by `score_shifts` [R] positions (R = 1, shift 0: in place).
+        """
+        rotated = self.rotate_queries(line_query, score_shifts)
+        scale = self.config.head_dim ** -0.5
+        return torch.stack([
+            line_mass(rotated[layer], past_key[layer], cache_len, scale,
+                      None if slot_owner is None else slot_owner[layer])
+            for layer in range(len(self.layers))])
+
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None):
         """Teacher-forced logits [B, T, V] with plain causal full attention."""
         if position_ids is None:
@@ -238,6 +305,37 @@ class StepModule(nn.Module):
         if self.with_scores:
             return logits, present_key, present_value, attn_mass
         return logits, present_key, present_value
+
+
+class DecodeModule(nn.Module):
+    """The decode step as the graph to export (any family's model with decode()).
+
+    Outputs logits, present_key, present_value, present_query and, exported with the fused
+    kernel, the cache as it leaves it: every layer's keys, then every layer's values (bound
+    to the cache's own buffers by the engine). A head-shared pool's step takes slot_owner.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids, past_key, past_value, cache_len, slot_owner=None):
+        logits, present_key, present_value, present_query, in_place = self.model.decode(
+            input_ids, position_ids, past_key, past_value, cache_len, **pool_args(slot_owner))
+        return (logits, present_key, present_value, present_query,
+                *(key for key, _ in in_place), *(value for _, value in in_place))
+
+
+class ScoreModule(nn.Module):
+    """LineAR's line-end score as the graph to export: model.line_scores()."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, line_query, score_shifts, past_key, cache_len, slot_owner=None):
+        return self.model.line_scores(line_query, score_shifts, past_key, cache_len,
+                                      **pool_args(slot_owner))
 
 
 class PooledStepModule(StepModule):

@@ -29,9 +29,13 @@ def apply_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
 
     Computed in float32 and cast back, as the original does.
     """
+    return rotate_pairs(x, cos_sin.unsqueeze(-3))  # broadcast over heads
+
+
+def rotate_pairs(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x [..., D] by cos_sin [..., D/2, 2], broadcasting."""
     pairs = x.float().reshape(*x.shape[:-1], -1, 2)
-    cos = cos_sin[..., 0].unsqueeze(-2)  # broadcast over heads
-    sin = cos_sin[..., 1].unsqueeze(-2)
+    cos, sin = cos_sin[..., 0], cos_sin[..., 1]
     real = pairs[..., 0] * cos - pairs[..., 1] * sin
     imag = pairs[..., 1] * cos + pairs[..., 0] * sin
     return torch.stack([real, imag], dim=-1).flatten(-2).type_as(x)

@@ -389,7 +389,8 @@ def _reusable(path: Path, wanted: dict) -> bool:
             "dtype": manifest["dtype"], "capacity": manifest["capacity"],
             "weights": manifest["weights"], "variants": manifest["build"].get("variants"),
             "cache_inputs": manifest["build"].get("cache_inputs", "stacked"),
-            "head_shared": manifest["build"].get("head_shared", False)}
+            "head_shared": manifest["build"].get("head_shared", False),
+            "attention": manifest["build"]["attention"]}
     return (all(have[key] == wanted[key] for key in have)
             and manifest["build"]["max_batch"] >= wanted["max_batch"]
             and (not wanted.get("tensorrt") or _plans_usable(manifest, path, wanted)))
@@ -417,6 +418,7 @@ def prepare_artifacts(config: BenchConfig, log: Callable[[str], None]) -> Iterat
         return
     from ..engines import make_engine
     from ..export.artifact import CACHE_LAYOUTS, build_artifact, sha256_file
+    from ..export.onnx_step import decode_kernel
     from ..models.families import HF_FAMILIES, hf_weights_record
 
     if config.family in HF_FAMILIES:
@@ -426,9 +428,11 @@ def prepare_artifacts(config: BenchConfig, log: Callable[[str], None]) -> Iterat
     else:
         weights = {"source": "checkpoint", "path": str(Path(config.checkpoint).resolve()),
                    "sha256": sha256_file(Path(config.checkpoint))}
-    variants = ["step.onnx", "step_noscores.onnx"]  # as the manifest lists them, sorted
+    variants = ["score.onnx", "step.onnx", "step_decode.onnx"]  # as the manifest lists them
     if config.family == "llamagen-t2i":
         variants.insert(0, "prefill_embeds.onnx")
+    # TensorRT parses standard ONNX only: its artifacts take the standard attention ops.
+    attention = "math" if "tensorrt" in engines else "gqa"
     rows = (2 if config.cfg_scale > 1 else 1) * max(*config.batch_sizes, *config.fit_batches)
     # The max-batch search may go far above the measured batches: a generous profile.
     max_rows = 4096 if config.memory_limit is not None else max(64, rows)
@@ -450,14 +454,15 @@ def prepare_artifacts(config: BenchConfig, log: Callable[[str], None]) -> Iterat
                       "dtype": config.dtype, "capacity": capacity, "weights": weights,
                       "variants": variants, "max_batch": max_rows,
                       "cache_inputs": CACHE_LAYOUTS[True], "head_shared": head_shared,
+                      "attention": decode_kernel(attention, True, head_shared),
                       "tensorrt": "tensorrt" in engines}
             if str(path) not in paths.values() and not _reusable(path, wanted):
                 log(f"building an artifact with {capacity} cache slots for {spec} in {path}")
                 build_artifact(model, path, model_name=config.model,
                                image_size=config.image_size, weights=weights, capacity=capacity,
                                build_options={"bench": spec}, max_batch=max_rows,
-                               with_noscores=True, split_cache=True, head_shared=head_shared,
-                               force=True)
+                               split_cache=True, head_shared=head_shared,
+                               attention=attention, force=True)
                 if "tensorrt" in engines:  # plans for this GPU, in the same artifact
                     from ..export.tensorrt import TrtBuildConfig, add_tensorrt_plans
 

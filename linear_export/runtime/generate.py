@@ -58,7 +58,8 @@ class _Stream:
     rows: torch.Tensor
     cache: KVCache
     policy: Policy
-    scores: torch.Tensor | None
+    scores: torch.Tensor | None  # H2O's mass summed over every step [L, B, Hkv, C]
+    line_queries: torch.Tensor | None  # LineAR: the line's scored queries [L, B, H, Q, D]
     input_ids: torch.Tensor
     positions: torch.Tensor  # model position ids fed to the engine
     slots: torch.Tensor  # sequence positions recorded in the cache (what policies read)
@@ -75,32 +76,68 @@ def _streams(engine: Engine, groups: list[PrefixGroup], policy: Policy,
         # The same policy, told where this group's image region starts.
         own = policy if group.prefix == full_layout.prefix else Policy(
             policy.config, replace(full_layout, prefix=group.prefix))
-        scores = None
-        if own.score_mode:
+        scores = queries = None
+        if own.score_mode == "cumulative":
             scores = torch.zeros(shape.n_layer, shape.batch, shape.n_kv_head, shape.capacity,
                                  device=device)
+        elif own.score_mode == "line":
+            queries = torch.zeros(shape.n_layer, shape.batch, config.n_head, own.scored_queries,
+                                  config.head_dim, dtype=engine.dtype, device=device)
         streams.append(_Stream(
             group, torch.tensor(group.rows, device=device),
             KVCache(shape, engine.dtype, device, head_shared=own.head_shared),
-            own, scores, group.input_ids, group.position_ids,
+            own, scores, queries, group.input_ids, group.position_ids,
             torch.arange(group.prefix, device=device), group.inputs_embeds))
     return streams
 
 
-def _evict(stream: _Stream, finished_line: int, cfg: bool) -> bool:
-    """The policy's line-end eviction on one stream's cache; whether anything was evicted."""
-    cache, scores, live = stream.cache, stream.scores, stream.cache.cache_len
+def _step(engine: Engine, stream: _Stream, query_index: int, group_size: int) -> torch.Tensor:
+    """Run one step of a stream, append its keys and values, keep what the policy scores
+    with (LineAR: the query; H2O: the mass); returns the step's logits."""
+    policy = stream.policy
+    extra = {} if stream.inputs_embeds is None else {"inputs_embeds": stream.inputs_embeds}
+    # H2O sums every step's mass; LineAR scores once per line from the stored queries.
+    need_mass = policy.score_mode == "cumulative" and query_index >= 0
+    out = engine.step(stream.input_ids, stream.positions, stream.cache, need_mass, **extra)
+    # The check syncs with the device: on accelerators run it once per line only
+    # (NaN/Inf reaches the cache, so it still shows up within one line).
+    width = policy.layout.width
+    if (engine.device.type == "cpu" or query_index % width == width - 1) and not torch.isfinite(
+            out.logits).all():
+        raise UserError(f"The model produced NaN/Inf logits at image token {query_index + 1} "
+                        "(fp16 overflow?); rebuild or run with --dtype fp32 or bf16.")
+    stream.cache.append(out.present_key, out.present_value, stream.slots)
+    if need_mass:  # fold query heads onto the kv head they read from
+        stream.scores += out.attn_mass.view(*stream.scores.shape[:3], group_size, -1).sum(3)
+    slot = policy.query_slot(query_index) if query_index >= 0 else None
+    if slot is not None:
+        stream.line_queries[:, :, :, slot] = out.present_query[:, :, :, -1]
+    return out.logits
+
+
+def _end_line(engine: Engine, stream: _Stream, finished_line: int, cfg: bool) -> bool:
+    """The policy's line-end eviction on one stream's cache; whether anything was evicted.
+
+    LineAR's scores are computed here, once, from the finished line's stored queries.
+    """
+    cache, policy, live = stream.cache, stream.policy, stream.cache.cache_len
+    scores = stream.scores
+    if stream.line_queries is not None and policy.needs_scores(
+            (finished_line + 1) * policy.layout.width - 1):
+        shifts = policy.score_shifts(finished_line) or [0]
+        scores = engine.score_line(stream.line_queries, torch.tensor(shifts), cache)
     live_scores = scores[..., :live] if scores is not None else None
+    per_slot = () if stream.scores is None else (stream.scores,)  # H2O's sums move along
     if cache.owner is not None:
-        keep = stream.policy.select_pooled(cache.positions[..., :live], cache.owner[..., :live],
-                                           live_scores, finished_line, cfg)
+        keep = policy.select_pooled(cache.positions[..., :live], cache.owner[..., :live],
+                                    live_scores, finished_line, cfg)
         if keep is not None:
-            cache.compact_pooled(keep, scores)
+            cache.compact_pooled(keep, *per_slot)
     else:
-        keep = stream.policy.select(cache.positions[..., :live], live_scores,
-                                    finished_line=finished_line, cfg=cfg)
+        keep = policy.select(cache.positions[..., :live], live_scores,
+                             finished_line=finished_line, cfg=cfg)
         if keep is not None:
-            cache.compact(keep, *(() if scores is None else (scores,)))
+            cache.compact(keep, *per_slot)
     return keep is not None
 
 
@@ -153,45 +190,27 @@ def generate(
     started = time.perf_counter()
     bar = tqdm(total=lines.height, unit="line", disable=not progress, leave=False)
     # Prefill feeds each group's prefix; then one step per image-region token (the last one
-    # is never fed). Lines are `lines.width` tokens: the image codes plus any end-of-line.
-    need_scores = policy.needs_scores(-1)
-    score_shift = line_shift = shift_line = None  # LineAR's lookahead shifts, once per line
+    # is never fed): step `index` reads token index - 1, the query of image token index - 1.
+    # Lines are `lines.width` tokens: the image codes plus any end-of-line.
     for index in range(lines.image_tokens):
         logits, evicted = None, False
+        line_end = index > 0 and index % lines.width == 0  # line index // L - 1 is now cached
         for stream in streams:
-            extra = {} if stream.inputs_embeds is None else {"inputs_embeds":
-                                                             stream.inputs_embeds}
-            if score_shift is not None:  # [1, R, 1]: positions -> score_position_ids
-                extra["score_position_ids"] = stream.positions[:, None] + score_shift
-            out = engine.step(stream.input_ids, stream.positions, stream.cache, need_scores,
-                              **extra)
-            # The check syncs with the device: on accelerators run it once per line only
-            # (NaN/Inf reaches the cache, so it still shows up within one line).
-            check = device.type == "cpu" or index % lines.width == 0
-            if check and not torch.isfinite(out.logits).all():
-                raise UserError(f"The model produced NaN/Inf logits at image token {index} "
-                                "(fp16 overflow?); rebuild or run with --dtype fp32 or bf16.")
-            stream.cache.append(out.present_key, out.present_value, stream.slots)
-            scores = stream.scores
-            if scores is not None and out.attn_mass is not None:
-                # Fold query heads onto the kv head they read from.
-                scores += out.attn_mass.view(*scores.shape[:3], group_size, -1).sum(3)
-            if index > 0 and index % lines.width == 0:  # line index // L - 1 is now cached
+            step_logits = _step(engine, stream, index - 1, group_size)
+            if line_end:
                 finished = index // lines.width - 1
-                evicted |= _evict(stream, finished, sampling.uses_cfg)
-                if stream.policy.score_mode == "line":
-                    scores.zero_()
+                evicted |= _end_line(engine, stream, finished, sampling.uses_cfg)
                 if on_line_end is not None:
                     on_line_end(finished, stream.cache)
             if single:
-                logits = out.logits
+                logits = step_logits
             else:
                 if logits is None:
-                    logits = torch.empty(rows, out.logits.shape[-1], dtype=out.logits.dtype,
+                    logits = torch.empty(rows, step_logits.shape[-1], dtype=step_logits.dtype,
                                          device=device)
-                logits[stream.rows] = out.logits
+                logits[stream.rows] = step_logits
         evictions += evicted  # line ends at which any prefix group's cache was compacted
-        if index > 0 and index % lines.width == 0:
+        if line_end:
             bar.update(1)
         if on_step is not None:
             on_step(index, logits)
@@ -216,13 +235,6 @@ def generate(
             stream.positions = torch.full_like(stream.input_ids, position)
             stream.slots = step_slots[index: index + 1] + stream.group.prefix  # no copy
             stream.inputs_embeds = None
-        need_scores = policy.needs_scores(index)
-        line = index // lines.width  # the line of the next query, token `index`
-        if need_scores and line != shift_line:  # host->device once per line, not per step
-            shifts, shift_line = policy.score_shifts(line), line
-            line_shift = None if shifts is None else torch.tensor(
-                shifts, device=device).view(1, -1, 1)
-        score_shift = line_shift if need_scores else None
     bar.update(1)
     bar.close()
     seconds = time.perf_counter() - started

@@ -183,8 +183,21 @@ class Policy:
         """'line': mass from the just-finished line; 'cumulative': summed over all steps."""
         return {"linear": "line", "h2o": "cumulative"}.get(self.name) if self.evicts else None
 
+    @property
+    def scored_queries(self) -> int:
+        """How many of a line's last queries LineAR scores with (score_queries, or all)."""
+        return self.config.score_queries or self.layout.width
+
+    def query_slot(self, image_index: int) -> int | None:
+        """Where LineAR keeps the query of image token `image_index` until its line ends, in
+        the line's [.., Q, D] query buffer; None if the line-end score does not read it."""
+        if self.score_mode != "line" or not self.needs_scores(image_index):
+            return None
+        return image_index % self.layout.width - (self.layout.width - self.scored_queries)
+
     def needs_scores(self, image_index: int) -> bool:
-        """Whether the step whose query is image token `image_index` must report attn_mass."""
+        """Whether the query of image token `image_index` counts in the scores: every step's
+        attn_mass for H2O; for LineAR, the line-end score reads its query."""
         if self.score_mode == "cumulative":
             return True
         if self.score_mode != "line":

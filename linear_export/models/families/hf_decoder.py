@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..attention import cached_attention, live_slots
+from ..attention import cached_attention, decode_attention, line_mass, live_slots
 from ..configs import GPTConfig, SequenceLayout
 
 
@@ -63,8 +63,8 @@ class HFDecoderStep(nn.Module):
     def code_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _attention(self, attn: nn.Module, x: torch.Tensor, cos, sin, past_key, past_value, live,
-                   score_cos_sin=None):
+    def _project(self, attn: nn.Module, x: torch.Tensor):
+        """q [B, H, T, D], k and v [B, Hkv, T, D], before RoPE."""
         batch, steps, _ = x.shape
         heads, kv_heads, dim = self.config.n_head, self.config.kv_heads, self.config.head_dim
         q = attn.q_proj(x).view(batch, steps, heads, dim)
@@ -72,7 +72,12 @@ class HFDecoderStep(nn.Module):
         v = attn.v_proj(x).view(batch, steps, kv_heads, dim).transpose(1, 2)
         if hasattr(attn, "q_norm"):  # Chameleon normalises each head's q and k
             q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        return q.transpose(1, 2), k.transpose(1, 2), v
+
+    def _attention(self, attn: nn.Module, x: torch.Tensor, cos, sin, past_key, past_value, live,
+                   score_cos_sin=None):
+        q, k, v = self._project(attn, x)
+        dim = self.config.head_dim
         score_q = None
         if score_cos_sin is not None:
             score_cos, score_sin = (table.unsqueeze(1) for table in score_cos_sin)
@@ -84,6 +89,44 @@ class HFDecoderStep(nn.Module):
         out, mass = cached_attention(q, k, v, past_key, past_value, live, scale=dim ** -0.5,
                                      score_q=score_q)
         return attn.o_proj(out), k, v, mass
+
+    def decode(self, input_ids, position_ids, past_key, past_value, cache_len,
+               inputs_embeds=None):
+        """The decode step without attn_mass (GPT.decode's contract): logits, present K/V,
+        present_query [L, B, H, T, D] post-RoPE, and the fused kernel's in-place caches."""
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        position_ids = position_ids.expand(h.shape[0], h.shape[1])
+        cos, sin = (table.unsqueeze(1) for table in rope_cos_sin(self.inv_freq, position_ids,
+                                                                 h.dtype))
+        keys, values, queries, in_place = [], [], [], []
+        for index, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            q, k, v = self._project(attn, layer.input_layernorm(h))
+            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+            out, updated = decode_attention(q, k, v, past_key[index], past_value[index],
+                                            cache_len, self.config.head_dim ** -0.5)
+            h = h + attn.o_proj(out)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            keys.append(k)
+            values.append(v)
+            queries.append(q)
+            in_place += [] if updated is None else [updated]
+        logits = self.code_logits(self.norm(h[:, -1])).float()
+        return logits, torch.stack(keys), torch.stack(values), torch.stack(queries), in_place
+
+    def rotate_queries(self, queries: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+        """Post-RoPE queries [..., Q, D] moved `shifts` [R] positions on: [..., R, Q, D]
+        (1D RoPE composes: one more rotation by the shift's angles)."""
+        cos, sin = rope_cos_sin(self.inv_freq, shifts, queries.dtype)  # [R, D]
+        tiled = queries.unsqueeze(-3)
+        return tiled * cos[:, None] + rotate_half(tiled) * sin[:, None]
+
+    def line_scores(self, line_query, score_shifts, past_key, cache_len):
+        """LineAR's scores at a line end, [L, B, Hkv, C] (GPT.line_scores' contract)."""
+        rotated = self.rotate_queries(line_query, score_shifts)
+        scale = self.config.head_dim ** -0.5
+        return torch.stack([line_mass(rotated[layer], past_key[layer], cache_len, scale)
+                            for layer in range(len(self.layers))])
 
     def step(
         self,

@@ -114,6 +114,14 @@ class T2IGPT(GPT):
         return super().step(input_ids, position_ids, past_key, past_value, cache_len,
                             inputs_embeds=inputs_embeds, score_position_ids=score_position_ids)
 
+    def decode(self, input_ids, position_ids, past_key, past_value, cache_len,
+               inputs_embeds=None, **pool):
+        """As GPT.decode, with caption features projected as in step()."""
+        if inputs_embeds is not None:
+            inputs_embeds = self.cls_embedding.cap_proj(inputs_embeds.to(self.dtype))
+        return super().decode(input_ids, position_ids, past_key, past_value, cache_len,
+                              inputs_embeds=inputs_embeds, **pool)
+
 
 def load_caption(path: str | Path, caption_dim: int = T5_DIM) -> torch.Tensor:
     """Valid caption features [n, dim] from .npy ([n, dim]) or .safetensors (`caption`, `mask`)."""
