@@ -18,6 +18,7 @@ from ..models.families import FAMILIES, HF_FAMILIES, check_family, load_step_mod
 from ..outputs import check_writable, json_bytes, write_directory
 from ..runtime.bench import (
     BASELINE,
+    ORIGINAL,
     BenchConfig,
     MaxBatch,
     Result,
@@ -28,6 +29,7 @@ from ..runtime.bench import (
     parse_size,
     prepare_artifacts,
 )
+from ..runtime.original import import_original
 
 MiB = 2**20
 DEFAULTS = {"model": "GPT-B", "image_size": 256, "engines": "torch,ort",
@@ -98,17 +100,23 @@ def setting(name: str, given: object, quick: bool) -> object:
               help="Keep the ort artifacts here and reuse matching ones [default: temporary].")
 @click.option("--cuda-graph", is_flag=True,
               help="torch engine on CUDA: replay each decode step from a CUDA graph.")
+@click.option("--llamagen-src", type=click.Path(file_okay=False), default=None,
+              help="A local checkout of FoundationVision/LlamaGen: its own generate() is "
+                   "timed on the same weights, side by side, and every ratio is against it "
+                   "(the row `llamagen`) instead of the project's stand-in loop (`baseline`).")
 @click.option("--quick", is_flag=True,
               help="CI smoke test: GPT-tiny 24 px, torch, batch 2, one repeat, one thread.")
 @click.option("--force", is_flag=True, help="Replace an existing --out directory.")
 def bench(model_name, checkpoint, family, max_prompt_tokens, image_size, engines, policies,
           batch_sizes, cfg_scale, top_k, repeats, warmup_steps, threads, dtype, device,
-          memory_limit, fit_batches, seed, out, artifacts_dir, cuda_graph, quick, force) -> None:
+          memory_limit, fit_batches, seed, out, artifacts_dir, cuda_graph, llamagen_src, quick,
+          force) -> None:
     """Measure images/s, step latency, KV bytes and peak memory of engines x policies.
 
     Every run is a fresh process, configurations alternate within each repeat, and the
     reported numbers are medians. Ratios are against `full` on the same engine and against
-    LlamaGen's own full-cache loop (`baseline`).
+    the reference loop: LlamaGen's own generate() with --llamagen-src (`llamagen`), else the
+    project's stand-in for it (`baseline`).
 
     Example: linear-export bench --engines torch,ort --policies full,linear:1/4 --out bench/
     """
@@ -144,6 +152,11 @@ def bench(model_name, checkpoint, family, max_prompt_tokens, image_size, engines
     if cuda_graph and not device.startswith("cuda"):
         raise UserError("--cuda-graph needs --device cuda (CUDA graphs exist only on NVIDIA "
                         "GPUs); drop --cuda-graph or pass --device cuda.")
+    if llamagen_src is not None:
+        if family != "llamagen":
+            raise UserError("--llamagen-src times LlamaGen's class-to-image generate(); it "
+                            f"does not run --family {family}.")
+        import_original(llamagen_src)  # a clear error now, not in every child
     fit = parse_ints(setting("fit_batches", fit_batches, quick), "--fit-batches")
     if len(set(fit)) != 2:
         raise UserError(f"--fit-batches '{fit_batches}' must be two different batch sizes such "
@@ -170,6 +183,7 @@ def bench(model_name, checkpoint, family, max_prompt_tokens, image_size, engines
         threads=setting("threads", threads, quick),
         memory_limit=None if memory_limit is None else parse_size(memory_limit),
         fit_batches=tuple(sorted(fit)), artifacts_dir=artifacts_dir, cuda_graph=cuda_graph,
+        llamagen_src=None if llamagen_src is None else str(Path(llamagen_src).resolve()),
     )
     progress = sys.stderr.isatty()
     with prepare_artifacts(bench_config, log=lambda line: click.echo(line, err=True)) as paths:
@@ -279,8 +293,9 @@ def markdown(report: dict, results: list[Result], limits: list[MaxBatch]) -> str
         f"{config['dtype']} on {config['device']} ({config['threads'] or 'default'} threads), "
         f"CFG {config['cfg_scale']}, top-k {config['top_k']}, {config['repeats']} repeat(s), "
         "medians; every run a fresh "
-        f"process. `{BASELINE}` is LlamaGen's own full-cache loop. Ratios are images/s "
-        "against `full` on the same engine and against the baseline.",
+        f"process. `{ORIGINAL}` is LlamaGen's own generate() (from --llamagen-src), "
+        f"`{BASELINE}` the project's stand-in for it. Ratios are images/s against `full` on "
+        "the same engine and against that reference.",
         "",
         markdown_table(result_rows(results)),
     ]

@@ -22,6 +22,7 @@ from ..export.artifact import (
     tool_versions,
 )
 from ..export.onnx_step import DEFAULT_OPSET
+from ..export.quantize import WEIGHT_FORMATS
 from ..models import GPT_CONFIGS, SequenceLayout, get_config, init_weights
 from ..models.attention import ATTENTION_KERNELS
 from ..models.families import (
@@ -48,7 +49,7 @@ def build_from_options(
     force: bool, seed: int = 0, opset: int = DEFAULT_OPSET, split_cache: bool = False,
     echo=lambda line: None, vq_checkpoint: str | None = None, vq_model: str = "VQ-16",
     family: str = "llamagen", max_prompt_tokens: int = 128, head_shared: bool = False,
-    attention: str = "gqa",
+    attention: str = "gqa", weight_format: str = "fp32",
 ):
     """Validate, load the weights, export: shared by `build` and `generate --engine ort`."""
     check_family(family, checkpoint)
@@ -110,7 +111,7 @@ def build_from_options(
     artifact = build_artifact(
         model, out, model_name=model_name, image_size=image_size, weights=weights,
         capacity=chosen.capacity, build_options=options, max_batch=max_batch,
-        opset=opset, split_cache=split_cache, attention=attention,
+        opset=opset, split_cache=split_cache, attention=attention, weight_format=weight_format,
         head_shared=head_shared, force=force, log=stage, vq_decoder=vq_decoder,
     )
     stage("done")
@@ -146,6 +147,11 @@ def build_from_options(
                    "(reads the bound cache and writes the step's keys into it in place; needs "
                    "per-layer cache inputs and no --head-shared), or math, standard ONNX ops "
                    "(what TensorRT parses). [default: gqa, math with --tensorrt]")
+@click.option("--weights", "weight_format", type=click.Choice(WEIGHT_FORMATS), default="fp32",
+              show_default=True,
+              help="Weight-only precision of the graphs' MatMuls: fp32 keeps --dtype; int8 or "
+                   "int4 use ONNX Runtime's MatMulNBits (block 32, int8 compute on "
+                   "VNNI/AMX CPUs). Quality and speed of each: docs/speed.md.")
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True,
               help="ONNX opset.")
 @click.option("--cache-inputs", type=click.Choice(["stacked", "per-layer"]), default="per-layer",
@@ -177,7 +183,8 @@ def build_from_options(
 @click.option("--trt-timing-cache", type=click.Path(dir_okay=False), default=None,
               help="Timing cache file shared across builds [default: one inside the artifact].")
 def build(checkpoint, family, max_prompt_tokens, random_weights, seed, model_name, image_size,
-          dtype, policy, budget, max_batch, attention, opset, cache_inputs, head_shared, out,
+          dtype, policy, budget, max_batch, attention, weight_format, opset, cache_inputs,
+          head_shared, out,
           force, tensorrt, trt_opt_batch, trt_workspace, trt_tf32, trt_timing_cache,
           vq_checkpoint, vq_model) -> None:
     """Export the decode step to ONNX: an artifact directory for the ort engine and verify.
@@ -198,7 +205,7 @@ def build(checkpoint, family, max_prompt_tokens, random_weights, seed, model_nam
         build_from_options,
         checkpoint=checkpoint, random_weights=random_weights, model_name=model_name,
         image_size=image_size, dtype=dtype, policy=policy, budget=budget, max_batch=max_batch,
-        attention=attention, seed=seed, opset=opset,
+        attention=attention, weight_format=weight_format, seed=seed, opset=opset,
         split_cache=cache_inputs == "per-layer", echo=echo, vq_checkpoint=vq_checkpoint,
         vq_model=vq_model, family=family, max_prompt_tokens=max_prompt_tokens,
         head_shared=head_shared,

@@ -31,6 +31,7 @@ from .onnx_step import (
     export_score_sharing,
     export_step,
 )
+from .quantize import WEIGHT_FORMATS
 
 # 2: the scored step takes score_position_ids; 3: shaped [B, R, T]; 4: a head-shared pool's
 # step takes slot_owner (build["head_shared"]); 5: the decode step (present_query, fused
@@ -138,6 +139,11 @@ class Artifact:
         return self.path / STEP
 
     @property
+    def weight_format(self) -> str:
+        """fp32 (the graph's dtype), or int8/int4 weight-only MatMulNBits."""
+        return self.manifest["build"]["weights"]
+
+    @property
     def decode_path(self) -> Path:
         return self.path / STEP_DECODE
 
@@ -173,6 +179,7 @@ def build_artifact(
     split_cache: bool = True,
     head_shared: bool = False,
     attention: str = "gqa",
+    weight_format: str = "fp32",
     force: bool = False,
     log: Callable[[str], None] = lambda line: None,
     vq_decoder: tuple[torch.nn.Module, dict] | None = None,
@@ -193,6 +200,9 @@ def build_artifact(
     if dtype_name not in ARTIFACT_DTYPES:
         raise UserError(f"Artifacts are built in {' or '.join(ARTIFACT_DTYPES)}, not "
                         f"{dtype_name}; pass --dtype fp32 or fp16.")
+    if weight_format not in WEIGHT_FORMATS:
+        raise UserError(f"--weights {weight_format} is not a weight format; choose one of "
+                        f"{', '.join(WEIGHT_FORMATS)}.")
     if out.exists() and not force:
         raise UserError(f"Artifact directory '{out}' already exists; pass --force to replace it "
                         "or choose another --out.")
@@ -236,6 +246,12 @@ def build_artifact(
                                   "outputs": [s.to_json() for s in outputs]}
             uncond = model.cls_embedding.uncond_embedding.detach().float().contiguous().cpu()
             save_file({"uncond_embedding": uncond}, str(staging / UNCOND))
+        if weight_format != "fp32":
+            from .quantize import quantize_graphs
+
+            quantize_graphs(staging, STEP, [STEP_DECODE] + ([PREFILL_EMBEDS]
+                                                           if caption_dim is not None else []),
+                            [SCORE], weight_format, log)
         if vq_decoder is not None:
             from .vq_onnx import export_vq_decoder
 
@@ -249,7 +265,7 @@ def build_artifact(
                              weights, {**build_options, "max_batch": max_batch,
                                        "cache_inputs": CACHE_LAYOUTS[split_cache],
                                        "head_shared": head_shared,
-                                       "attention": kernel,
+                                       "attention": kernel, "weights": weight_format,
                                        "variants": sorted(io),
                                        "export_seconds": round(export_seconds, 3)},
                              _hash_files(staging))

@@ -209,7 +209,9 @@ class GPT(nn.Module):
             keys.append(k)
             values.append(v)
             masses.append(mass)
-        logits = self.output(self.norm(h[:, -1])).float()
+        # [:, -1:]: a 3-D input keeps the head a MatMul in ONNX (a 2-D Linear exports as
+        # Gemm, which weight-only quantization cannot take).
+        logits = self.output(self.norm(h[:, -1:]))[:, 0].float()
         return logits, torch.stack(keys), torch.stack(values), torch.stack(masses)
 
     def decode(
@@ -242,7 +244,9 @@ class GPT(nn.Module):
             values.append(v)
             queries.append(q)
             in_place += [] if updated is None else [updated]
-        logits = self.output(self.norm(h[:, -1])).float()
+        # [:, -1:]: a 3-D input keeps the head a MatMul in ONNX (a 2-D Linear exports as
+        # Gemm, which weight-only quantization cannot take).
+        logits = self.output(self.norm(h[:, -1:]))[:, 0].float()
         return logits, torch.stack(keys), torch.stack(values), torch.stack(queries), in_place
 
     def rotate_queries(self, queries: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,9 @@ from .budget import parse_budget
 from .head_budgets import load_head_budgets
 from .policies import POLICIES, Policy, PolicyConfig
 
-BASELINE = "baseline"  # LlamaGen's own loop (runtime.baseline), measured in every bench
+BASELINE = "baseline"  # the project's stand-in for LlamaGen's loop (runtime.baseline)
+ORIGINAL = "llamagen"  # LlamaGen's own generate() from --llamagen-src (runtime.original)
+REFERENCES = (BASELINE, ORIGINAL)  # loops every ratio is taken against, not engines
 CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)
 SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mib": 2**20,
               "mb": 10**6, "g": 2**30, "gib": 2**30, "gb": 10**9, "t": 2**40, "tib": 2**40,
@@ -138,6 +140,7 @@ class BenchConfig:
     fit_batches: tuple[int, int] = (1, 4)
     artifacts_dir: str | None = None  # keep and reuse built artifacts here
     cuda_graph: bool = False  # torch engine: replay decode steps from a CUDA graph
+    llamagen_src: str | None = None  # a LlamaGen checkout: its generate() is the reference
     artifacts: dict[str, str] = field(default_factory=dict)  # ort: policy spec -> artifact dir
 
 
@@ -230,8 +233,10 @@ def ratio_table(results: list[Result]) -> None:
     index = {(r.engine, r.policy, r.batch): r for r in results}
     for result in results:
         full = index.get((result.engine, "full", result.batch))
-        baseline = index.get((BASELINE, "full", result.batch))
-        result.vs_full = result.ratios(full) if full and result.engine != BASELINE else None
+        baseline = index.get((ORIGINAL, "full", result.batch)) or index.get(
+            (BASELINE, "full", result.batch))
+        result.vs_full = (result.ratios(full) if full and result.engine not in REFERENCES
+                          else None)
         result.vs_baseline = result.ratios(baseline) if baseline else None
 
 
@@ -246,14 +251,16 @@ def load_bench_model(config: BenchConfig, device: str | None = None):
 
 
 def plan(config: BenchConfig) -> list[Job]:
-    """The configurations of one repeat: the baseline loop, then every engine x policy.
+    """The configurations of one repeat: the reference loop, then every engine x policy.
 
-    The baseline is LlamaGen's own c2i loop, so other families run without it.
+    The reference is LlamaGen's own generate() with --llamagen-src, else the project's
+    stand-in for it; both are c2i loops, so other families run without one.
     """
     jobs = []
+    reference = ORIGINAL if config.llamagen_src else BASELINE
     for batch in config.batch_sizes:
         if config.family == "llamagen":
-            jobs.append(Job(BASELINE, "full", batch, config))
+            jobs.append(Job(reference, "full", batch, config))
         jobs += [Job(engine, policy, batch, config)
                  for engine in config.engines for policy in config.policies]
     return jobs

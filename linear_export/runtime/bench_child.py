@@ -18,7 +18,16 @@ from dataclasses import asdict
 import torch
 
 from ..errors import UserError
-from .bench import ARTIFACT_ENGINES, BASELINE, CLASSES, BenchConfig, Job, Measurement, parse_policy
+from .bench import (
+    ARTIFACT_ENGINES,
+    BASELINE,
+    CLASSES,
+    ORIGINAL,
+    BenchConfig,
+    Job,
+    Measurement,
+    parse_policy,
+)
 from .sampling import SamplingConfig
 
 
@@ -84,6 +93,10 @@ def make_engine(job: Job):
         from .baseline import BaselineLoop
 
         return BaselineLoop(model)
+    if job.engine == ORIGINAL:
+        from .original import OriginalLoop
+
+        return OriginalLoop(model, config.llamagen_src, config.model)
     return make_named_engine(job.engine, model, cuda_graph=config.cuda_graph)
 
 
@@ -98,6 +111,18 @@ def run_baseline(loop, classes: list[int], sampling: SamplingConfig, config: Ben
     gc.collect()
     result = loop.generate(classes, sampling, seed=config.seed)
     return result.seconds, result.step_seconds, result.kv_capacity, result.kv_bytes
+
+
+def run_original(loop, classes: list[int], sampling: SamplingConfig, config: BenchConfig):
+    """LlamaGen's generate(): a short warm-up generation, then the timed one (its loop has no
+    per-step hook, so a step is the mean)."""
+    loop.generate(classes, sampling, config.seed, tokens=config.warmup_steps + 1)
+    gc.collect()
+    _, seconds = loop.generate(classes, sampling, config.seed)
+    rows = len(classes) * (2 if sampling.uses_cfg else 1)
+    cache = loop.original.layers[0].attention.kv_cache.k_cache
+    nbytes = 2 * len(loop.original.layers) * cache.numel() * cache.element_size()
+    return seconds, [seconds / loop.tokens], cache.shape[2], nbytes * rows // cache.shape[0]
 
 
 def run_engine(engine, policy, classes: list[int], sampling: SamplingConfig,
@@ -131,6 +156,8 @@ def run_job(job: Job) -> Measurement:
         classes = engine.family.example_conditions(job.batch, config.seed)
     if job.engine == BASELINE:
         seconds, steps, capacity, nbytes = run_baseline(engine, classes, sampling, config)
+    elif job.engine == ORIGINAL:
+        seconds, steps, capacity, nbytes = run_original(engine, classes, sampling, config)
     else:
         policy = parse_policy(job.policy, engine.family.token_layout(engine.layout),
                               engine.config)

@@ -1,0 +1,58 @@
+"""Weight-only int8/int4 artifacts (export/quantize.py): MatMulNBits in every graph that has
+weights, one shared weight file, and steps close to the fp32 model's."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+from artifact_fixtures import _ROOT, model_for
+from test_onnx_export import step_inputs
+
+from linear_export.engines.ort import OrtEngine
+from linear_export.errors import UserError
+from linear_export.export.artifact import build_artifact, load_artifact
+from linear_export.export.quantize import count_quantized
+
+
+def quantized(weight_format: str):
+    out = _ROOT / f"GPT-tiny-{weight_format}"
+    if not out.exists():
+        model = model_for()
+        build_artifact(model, out, model_name="GPT-tiny", image_size=24,
+                       weights={"source": "random", "seed": 0, "std": 0.2},
+                       capacity=model.layout.length, build_options={"policy": "full"},
+                       max_batch=8, split_cache=True, weight_format=weight_format)
+    return out
+
+
+# Largest logit error as a share of the largest logit, on this tiny model's big activations
+# (int8 compute quantizes them too): measured 5% (int8) and 39% (int4); the demo model's
+# quality under each is measured with eval (docs/speed.md).
+@pytest.mark.parametrize(("weight_format", "share"), [("int8", 0.1), ("int4", 0.6)])
+def test_quantized_steps_stay_close_to_fp32(weight_format: str, share: float) -> None:
+    directory = quantized(weight_format)
+    artifact = load_artifact(directory)
+    assert artifact.weight_format == weight_format
+    for name in ("step.onnx", "step_decode.onnx"):
+        graph = onnx.load(str(directory / name), load_external_data=False).graph
+        weights = {tensor.name for tensor in graph.initializer}
+        assert count_quantized(directory / name) == 2 * 5 + 1  # per layer qkv, wo, w1-w3; head
+        assert not [node for node in graph.node
+                    if node.op_type == "MatMul" and node.input[1] in weights]
+    assert sorted(path.name for path in directory.glob("*.data")) == ["step.onnx.data"]
+    model, engine = model_for(), OrtEngine(directory)
+    ids, positions, cache = step_inputs(model, 3, 1, 9, torch.float32, engine.capacity)
+    with torch.no_grad():
+        want = model.decode(ids, positions, cache.key.clone(), cache.value.clone(),
+                            cache.cache_len_tensor())
+    out = engine.step(ids, positions, cache)
+    error = (out.logits - want[0]).abs().max().item()
+    assert 0 < error < share * want[0].abs().max().item()  # changed, but not by much
+
+
+def test_an_unknown_weight_format_is_one_sentence(tmp_path) -> None:
+    with pytest.raises(UserError, match="--weights int3 is not a weight format"):
+        build_artifact(model_for(), tmp_path / "x", model_name="GPT-tiny", image_size=24,
+                       weights={}, capacity=37, build_options={}, weight_format="int3")
+    assert not (tmp_path / "x").exists()
