@@ -40,8 +40,20 @@ SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, 
               "mb": 10**6, "g": 2**30, "gib": 2**30, "gb": 10**9, "t": 2**40, "tib": 2**40,
               "tb": 10**12}
 MAX_CONFIRM_TRIES = 3
-KNOWN_ENGINES = ("torch", "ort", "tensorrt")
-ARTIFACT_ENGINES = ("ort", "tensorrt")  # engines that run a built artifact, not torch weights
+# ort-int8 / ort-int4: the ort engine on an artifact built with those weights (build --weights)
+KNOWN_ENGINES = ("torch", "ort", "ort-int8", "ort-int4", "tensorrt")
+ARTIFACT_ENGINES = ("ort", "ort-int8", "ort-int4", "tensorrt")  # run artifacts, not weights
+
+
+def engine_parts(engine: str) -> tuple[str, str]:
+    """'ort-int8' -> ('ort', 'int8'): the engine and its artifact's weight format."""
+    name, _, weights = engine.partition("-")
+    return name, weights or "fp32"
+
+
+def artifact_key(engine: str, spec: str) -> str:
+    """Where a job finds its artifact in BenchConfig.artifacts: per policy and weights."""
+    return f"{spec}@{engine_parts(engine)[1]}"
 
 
 def parse_size(text: str) -> int:
@@ -366,14 +378,15 @@ def available_engines(spec: str, device: str) -> tuple[list[str], dict[str, str]
                         f"{', '.join(KNOWN_ENGINES)}.")
     chosen, skipped = [], {}
     for name in dict.fromkeys(names):
+        base = engine_parts(name)[0]
         if name == "tensorrt" and importlib.util.find_spec("tensorrt") is None:
             skipped[name] = ("the tensorrt package is not installed (its libraries come only "
                              "from NVIDIA's package index)")
         elif name == "tensorrt" and not device.startswith("cuda"):
             skipped[name] = "TensorRT runs on NVIDIA GPUs only; pass --device cuda"
-        elif name not in ENGINES:
+        elif base not in ENGINES:
             skipped[name] = f"this linear-export has no {name} engine (it has {', '.join(ENGINES)})"
-        elif name == "ort" and importlib.util.find_spec("onnxruntime") is None:
+        elif base == "ort" and importlib.util.find_spec("onnxruntime") is None:
             skipped[name] = "onnxruntime is not installed; pip install onnxruntime(-gpu)"
         else:
             chosen.append(name)
@@ -397,7 +410,8 @@ def _reusable(path: Path, wanted: dict) -> bool:
             "weights": manifest["weights"], "variants": manifest["build"].get("variants"),
             "cache_inputs": manifest["build"].get("cache_inputs", "stacked"),
             "head_shared": manifest["build"].get("head_shared", False),
-            "attention": manifest["build"]["attention"]}
+            "attention": manifest["build"]["attention"],
+            "weight_format": manifest["build"]["weights"]}
     return (all(have[key] == wanted[key] for key in have)
             and manifest["build"]["max_batch"] >= wanted["max_batch"]
             and (not wanted.get("tensorrt") or _plans_usable(manifest, path, wanted)))
@@ -416,8 +430,9 @@ def _plans_usable(manifest: dict, path: Path, wanted: dict) -> bool:
 def prepare_artifacts(config: BenchConfig, log: Callable[[str], None]) -> Iterator[dict]:
     """One artifact per distinct cache capacity for the artifact engines (built untimed).
 
-    Yields {policy spec: artifact dir}. Without `artifacts_dir` they are built in a temporary
-    directory and deleted afterwards; with it, matching ones are reused and new ones kept.
+    Yields {artifact_key(engine, policy spec): artifact dir}. Without `artifacts_dir` they
+    are built in a temporary directory and deleted afterwards; with it, matching ones are
+    reused and new ones kept.
     """
     engines = [name for name in config.engines if name in ARTIFACT_ENGINES]
     if not engines:
@@ -450,34 +465,37 @@ def prepare_artifacts(config: BenchConfig, log: Callable[[str], None]) -> Iterat
     model = None
     try:
         paths: dict[str, str] = {}
-        for spec in config.policies:
+        for spec, engine in ((spec, engine) for spec in config.policies for engine in engines):
             if model is None:
                 model = load_bench_model(config, device="cpu")
             policy = parse_policy(spec, model.family.token_layout(model.layout), model.config)
             capacity, head_shared = policy.capacity, policy.head_shared
+            weight_format = engine_parts(engine)[1]
             path = work / (f"{config.model}-{config.image_size}px-{config.dtype}-c{capacity}"
-                           + ("-head-shared" if head_shared else ""))
+                           + ("-head-shared" if head_shared else "")
+                           + ("" if weight_format == "fp32" else f"-{weight_format}"))
             wanted = {"model": config.model, "image_size": config.image_size,
                       "dtype": config.dtype, "capacity": capacity, "weights": weights,
                       "variants": variants, "max_batch": max_rows,
                       "cache_inputs": CACHE_LAYOUTS[True], "head_shared": head_shared,
                       "attention": decode_kernel(attention, True, head_shared),
-                      "tensorrt": "tensorrt" in engines}
+                      "weight_format": weight_format, "tensorrt": "tensorrt" in engines}
             if str(path) not in paths.values() and not _reusable(path, wanted):
-                log(f"building an artifact with {capacity} cache slots for {spec} in {path}")
+                log(f"building an artifact with {capacity} cache slots and {weight_format} "
+                    f"weights for {spec} in {path}")
                 build_artifact(model, path, model_name=config.model,
                                image_size=config.image_size, weights=weights, capacity=capacity,
                                build_options={"bench": spec}, max_batch=max_rows,
                                split_cache=True, head_shared=head_shared,
-                               attention=attention, force=True)
+                               attention=attention, weight_format=weight_format, force=True)
                 if "tensorrt" in engines:  # plans for this GPU, in the same artifact
                     from ..export.tensorrt import TrtBuildConfig, add_tensorrt_plans
 
                     add_tensorrt_plans(path, TrtBuildConfig(
                         max_batch=max_rows, opt_batch=min(rows, max_rows)), log)
-                for engine in engines:  # let each engine cache its optimized graph now
-                    make_engine(engine, artifact=path, device=config.device)
-            paths[spec] = str(path)
+                # let the engine cache its optimized graph now
+                make_engine(engine_parts(engine)[0], artifact=path, device=config.device)
+            paths[artifact_key(engine, spec)] = str(path)
         del model
         yield paths
     finally:

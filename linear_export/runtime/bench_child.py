@@ -26,6 +26,8 @@ from .bench import (
     BenchConfig,
     Job,
     Measurement,
+    artifact_key,
+    engine_parts,
     parse_policy,
 )
 from .sampling import SamplingConfig
@@ -81,13 +83,14 @@ def make_engine(job: Job):
     from .bench import load_bench_model
 
     config = job.config
-    if job.engine == "ort" and config.threads:
-        from ..engines.ort import OrtEngine  # make_engine takes no thread count
-
-        return OrtEngine(config.artifacts[job.policy], config.device, threads=config.threads)
     if job.engine in ARTIFACT_ENGINES:
-        return make_named_engine(job.engine, artifact=config.artifacts[job.policy],
-                                 device=config.device)
+        name, artifact = engine_parts(job.engine)[0], config.artifacts[artifact_key(
+            job.engine, job.policy)]
+        if name == "ort" and config.threads:
+            from ..engines.ort import OrtEngine  # make_engine takes no thread count
+
+            return OrtEngine(artifact, config.device, threads=config.threads)
+        return make_named_engine(name, artifact=artifact, device=config.device)
     model = load_bench_model(config)
     if job.engine == BASELINE:
         from .baseline import BaselineLoop
