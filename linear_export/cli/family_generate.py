@@ -18,10 +18,10 @@ from ..runtime.generate import generate as run_generation
 from ..runtime.sampling import SamplingConfig
 from .options import build_policy
 
-# How the original releases wrap a prompt before the image (Janus-Pro's SFT template with the
-# image-start tag; Lumina-mGPT's generation instruction).
+# How Janus-Pro wraps a prompt before the image: the "deepseek" SFT template with an empty
+# system prompt (janus/utils/conversation.py; the stripped prompt, as its processor strips it),
+# then the image-start tag (its README's generation example). Lumina's is in its family module.
 JANUS_TEMPLATE = "<|User|>: {prompt}\n\n<|Assistant|>:<begin_of_image>"
-LUMINA_TEMPLATE = "Generate an image of {size}x{size} according to the following prompt:\n{prompt}"
 
 
 def artifact_engine(family: str, engine_name: str, artifact_dir: Path | None, device: str):
@@ -61,8 +61,10 @@ def conditions_for(family: str, adapter, checkpoint: str | None, prompts: tuple[
         raise UserError(f"No tokenizer in '{checkpoint}' ({type(error).__name__}); pass the "
                         "model directory that holds its tokenizer files.") from None
     if family == "janus":
-        return [tokenizer.encode(JANUS_TEMPLATE.format(prompt=p)) for p in prompts]
-    return [tokenizer.encode(LUMINA_TEMPLATE.format(size=image_size, prompt=p)) for p in prompts]
+        return [tokenizer.encode(JANUS_TEMPLATE.format(prompt=p.strip())) for p in prompts]
+    from ..models.families.lumina import prompt_ids
+
+    return [prompt_ids(tokenizer, p, image_size) for p in prompts]
 
 
 def generate_family(*, family: str, checkpoint: str | None, random_weights: bool,
