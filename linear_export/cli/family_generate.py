@@ -76,18 +76,17 @@ def generate_family(*, family: str, checkpoint: str | None, random_weights: bool
                     artifact_dir: Path | None = None, load_vq=None) -> None:
     """Run a non-c2i family on the torch engine, or a built artifact on ort/tensorrt.
 
-    `load_vq(config)`: LlamaGen's VQ decoder (--vq-checkpoint), for llamagen-t2i images.
+    `load_vq(config)`: the VQ decoder of --vq-checkpoint: LlamaGen's for llamagen-t2i images,
+    Chameleon's VQGAN for lumina (an artifact built with one decodes with its ONNX graph).
     """
     check_family(family, checkpoint)
     if knobs.get("head_budgets") is not None:
         raise UserError(f"--head-budgets runs on LlamaGen class-to-image models for now, not "
                         f"--family {family}; drop it.")
-    if load_vq is not None and family != "llamagen-t2i":
-        raise UserError(f"--vq-checkpoint decodes LlamaGen tokens; --family {family} "
-                        + ("decodes with Janus's own VQ decoder from the model directory; "
-                           "drop --vq-checkpoint." if family == "janus" else
-                           "has no decoder here yet (Chameleon's VQ-VAE in transformers is "
-                           "encoder-only); drop --vq-checkpoint."))
+    if load_vq is not None and family == "janus":
+        raise UserError("--vq-checkpoint decodes LlamaGen or Chameleon tokens; --family janus "
+                        "decodes with Janus's own VQ decoder from the model directory; drop "
+                        "--vq-checkpoint.")
     if engine_name != "torch" or artifact_dir is not None:
         model, engine = None, artifact_engine(family, engine_name, artifact_dir, device)
         checkpoint = checkpoint or engine.artifact.manifest["weights"].get("path")
@@ -110,6 +109,11 @@ def generate_family(*, family: str, checkpoint: str | None, random_weights: bool
         decode = load_janus_decoder(checkpoint)
     elif out is not None and load_vq is not None:
         decode = load_vq(engine.config).decode_codes
+    elif out is not None and model is None and "vq_decoder" in engine.artifact.manifest:
+        from ..engines.ort_vq import OrtVQDecoder  # the artifact's decoder (build --vq-checkpoint)
+
+        record = engine.artifact.manifest["vq_decoder"]
+        decode = OrtVQDecoder(engine.artifact.path / record["file"]).decode_codes
     total = num_images or len(conditions)
     conditions = [conditions[i % len(conditions)] for i in range(total)]
     chosen = build_policy(engine.family.token_layout(engine.layout), policy, budget, **knobs)
@@ -140,6 +144,8 @@ def generate_family(*, family: str, checkpoint: str | None, random_weights: bool
             files["grid.png"] = png_bytes(image_grid(pictures))
         write_directory(out, files, force)
     written = "images and token grids" if decode is not None else (
-        "token grids written; decode them with the family's own VQ decoder")
+        "token grids written; pass --vq-checkpoint (Chameleon's vqgan.ckpt) for images"
+        if family == "lumina" else "token grids written; decode them with the family's own VQ "
+        "decoder")
     click.echo(f"{total} images ({family}), {chosen.name} policy, capacity {chosen.capacity} "
                f"slots: {written}.")

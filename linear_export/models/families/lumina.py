@@ -39,9 +39,9 @@ def prompt_ids(tokenizer: Any, prompt: str, image_size: int) -> list[int]:
     """BOS and the tokenized instruction, as the official solver's human turn (without its
     separator, which the family appends): `tokenizer.encode(text, add_special_tokens=False)`."""
     text = PROMPT_TEMPLATE.format(width=image_size, height=image_size, prompt=prompt)
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else \
-        tokenizer.eos_token_id
-    return [bos, *tokenizer.encode(text, add_special_tokens=False)]
+    bos = next((t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id) if t is not None),
+               None)  # the official Tokenizer's fallback; a tokenizer with neither gets none
+    return [bos] * (bos is not None) + tokenizer.encode(text, add_special_tokens=False)
 
 
 def check_grids(height: int, width: int) -> None:
