@@ -67,6 +67,22 @@ def conditions_for(family: str, adapter, checkpoint: str | None, prompts: tuple[
     return [prompt_ids(tokenizer, p, image_size) for p in prompts]
 
 
+def family_decoder(family: str, checkpoint: str | None, load_vq, engine, from_artifact: bool):
+    """decode(codes) for --out, or None: Janus's own, --vq-checkpoint's, or the artifact's."""
+    if family == "janus":
+        from ..models.families.janus import load_janus_decoder
+
+        return load_janus_decoder(checkpoint)
+    if load_vq is not None:
+        return load_vq(engine.config).decode_codes
+    if from_artifact and "vq_decoder" in engine.artifact.manifest:
+        from ..engines.ort_vq import OrtVQDecoder  # the artifact's decoder (build --vq-checkpoint)
+
+        record = engine.artifact.manifest["vq_decoder"]
+        return OrtVQDecoder(engine.artifact.path / record["file"]).decode_codes
+    return None
+
+
 def generate_family(*, family: str, checkpoint: str | None, random_weights: bool,
                     model_name: str, image_size: int, dtype: str, device: str, policy: str,
                     budget: str, knobs: dict, sampling: SamplingConfig, prompts: tuple[str, ...],
@@ -102,18 +118,9 @@ def generate_family(*, family: str, checkpoint: str | None, random_weights: bool
         engine = make_engine("torch", model)
     conditions = conditions_for(family, engine.family, checkpoint, prompts, caption_features,
                                 image_size)
-    decode = None  # loaded before generating: a bad decoder fails early
-    if out is not None and family == "janus":
-        from ..models.families.janus import load_janus_decoder
-
-        decode = load_janus_decoder(checkpoint)
-    elif out is not None and load_vq is not None:
-        decode = load_vq(engine.config).decode_codes
-    elif out is not None and model is None and "vq_decoder" in engine.artifact.manifest:
-        from ..engines.ort_vq import OrtVQDecoder  # the artifact's decoder (build --vq-checkpoint)
-
-        record = engine.artifact.manifest["vq_decoder"]
-        decode = OrtVQDecoder(engine.artifact.path / record["file"]).decode_codes
+    # Loaded before generating: a bad decoder fails early.
+    decode = None if out is None else family_decoder(family, checkpoint, load_vq, engine,
+                                                     from_artifact=model is None)
     total = num_images or len(conditions)
     conditions = [conditions[i % len(conditions)] for i in range(total)]
     chosen = build_policy(engine.family.token_layout(engine.layout), policy, budget, **knobs)
