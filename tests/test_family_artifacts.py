@@ -35,13 +35,24 @@ def model_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def artifacts(model_dirs, tmp_path_factory):
+def vqgan(tmp_path_factory):
+    """A random Chameleon VQGAN (16 codes, as tiny_chameleon) in Meta's vqgan.ckpt layout."""
+    from chameleon_vq_fixtures import meta_vqgan_state, save_meta_ckpt
+
+    path = tmp_path_factory.mktemp("vqgan") / "vqgan.ckpt"
+    save_meta_ckpt(path, meta_vqgan_state(seed=2))
+    return path
+
+
+@pytest.fixture(scope="module")
+def artifacts(model_dirs, vqgan, tmp_path_factory):
     built = {}
     for family, directory in model_dirs.items():
         out = tmp_path_factory.mktemp("artifacts") / family
+        decoder = ["--vq-checkpoint", vqgan] if family == "lumina" else []
         result = run("build", "--family", family, "--checkpoint", directory, "--image-size",
                      64, "--max-prompt-tokens", 24, "--policy", "linear", "--budget", "2lines",
-                     "--max-batch", 8, "--out", out)
+                     "--max-batch", 8, *decoder, "--out", out)
         assert result.exit_code == 0, result.output
         built[family] = out
     return built
@@ -67,6 +78,8 @@ def test_verify_passes_against_the_transformers_reference(artifacts, family) -> 
     assert f"({family} " in result.output
     assert "PASS" in result.output
     assert "FAIL" not in result.output
+    if family == "lumina":  # its artifact holds the Chameleon VQGAN graph too
+        assert "vq decoder ort vs torch" in result.output
 
 
 @pytest.mark.parametrize("family", ["janus", "lumina"])
@@ -89,6 +102,19 @@ def test_janus_out_writes_decoded_images(artifacts, tmp_path) -> None:
     out = tmp_path / "samples"
     result = run("generate", "--family", "janus", "--engine", "ort", "--artifact",
                  artifacts["janus"], *PROMPT, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "images and token grids" in result.output
+    names = sorted(path.name for path in out.iterdir())
+    assert names == ["0000_seed0.png", "0001_seed0.png", "grid.png", "stats.json", "tokens.npy"]
+
+
+def test_lumina_out_decodes_with_the_artifacts_vqgan_graph(artifacts, vqgan, tmp_path) -> None:
+    manifest = json.loads((artifacts["lumina"] / "manifest.json").read_text())
+    assert manifest["vq_decoder"]["model"] == "chameleon-vqgan"
+    assert manifest["vq_decoder"]["path"] == str(vqgan.resolve())
+    out = tmp_path / "samples"
+    result = run("generate", "--family", "lumina", "--engine", "ort", "--artifact",
+                 artifacts["lumina"], *PROMPT, "--out", out)
     assert result.exit_code == 0, result.output
     assert "images and token grids" in result.output
     names = sorted(path.name for path in out.iterdir())

@@ -14,12 +14,16 @@ from linear_export.errors import UserError  # noqa: E402
 from linear_export.export.compare import TOLERANCES, LockstepEngine  # noqa: E402
 from linear_export.export.onnx_step import export_step  # noqa: E402
 from linear_export.models.configs import SequenceLayout  # noqa: E402
-from linear_export.models.families.lumina import LuminaStep  # noqa: E402
+from linear_export.models.families.lumina import (  # noqa: E402
+    LuminaFamily,
+    LuminaStep,
+    prompt_ids,
+)
 from linear_export.runtime.generate import generate  # noqa: E402
 from linear_export.runtime.policies import Policy, PolicyConfig  # noqa: E402
 from linear_export.runtime.sampling import SamplingConfig  # noqa: E402
 
-LAYOUT = SequenceLayout(prefix=12, height=5, width=3)
+LAYOUT = SequenceLayout(prefix=12, height=4, width=2)  # 2 x 1 grids of 32 px
 PROMPTS = [[1, 20, 21, 22], [1, 30]]  # different lengths: two cond prefix groups
 GREEDY_CFG = SamplingConfig(cfg_scale=2.0, temperature=0, top_k=0)
 
@@ -27,7 +31,8 @@ GREEDY_CFG = SamplingConfig(cfg_scale=2.0, temperature=0, top_k=0)
 @pytest.fixture(scope="module")
 def pair():
     hf = tiny_chameleon()
-    return hf, LuminaStep(hf, LAYOUT, eol_id=5, image_start_id=4, size_base_id=6)
+    return hf, LuminaStep(hf, LAYOUT, eol_id=5, image_start_id=4, size_base_id=6,
+                          separator_id=3)
 
 
 def full_sequence(step: LuminaStep, context: list[int], codes: torch.Tensor) -> list[int]:
@@ -55,7 +60,7 @@ def test_full_policy_reproduces_the_library_forward(pair):
              on_step=lambda index, logits: seen.__setitem__(index, logits.clone()))
     line = family.line_width(LAYOUT.width)
     assert len(seen) == LAYOUT.height * line
-    contexts = [p + family.image_context() for p in PROMPTS] + [family.image_context()] * 2
+    contexts = [p + [3, 4, 6 + 2, 6 + 1] for p in PROMPTS] + [[4, 6 + 2, 6 + 1]] * 2
     for row, context in enumerate(contexts):
         expected = library_logits(hf, full_sequence(step, context, teacher[row % 2]),
                                   step.code_ids)
@@ -72,7 +77,7 @@ def test_linear_lines_are_w_plus_one_tokens(pair):
     assert lines.width == LAYOUT.width + 1
     budget = 2 * lines.width
     policy = Policy(PolicyConfig(name="linear", budget=budget, recent_lines=1), lines)
-    prefix = len(PROMPTS[0]) + len(family.image_context())
+    prefix = len(PROMPTS[0]) + 4  # separator, image start, two size tokens
     events = []
 
     def check(finished: int, cache) -> None:
@@ -118,9 +123,62 @@ def test_exported_graph_matches_pytorch_step_by_step(pair, tmp_path):
     lockstep = LockstepEngine(TorchEngine(step), OnnxStepEngine(path, step), TOLERANCES["fp32"],
                               GREEDY_CFG.cfg_scale)
     lockstep.generate(PROMPTS, policy)
-    # Three prefix groups (prompts of 7 and 5 tokens, the 3-token uncond context), each a step;
+    # Three prefix groups (prompts of 8 and 6 tokens, the 3-token uncond context), each a step;
     # guided picks are compared on all rows put back in [cond; uncond] order.
     assert lockstep.steps == 3 * lines.image_tokens
     assert lockstep.token_mismatches == 0
     failed = {name: stats for name, stats in lockstep.stats.items() if not stats.passed}
     assert not failed, failed
+
+
+# Golden prefixes, by hand from Lumina-mGPT's lumina_mgpt/data/item_processor.py (image start
+# `<racm3:break>` 8197; size token `<reserved{8800 + n:05d}>` = id 8804 + n for n 32-px grids,
+# read back as `h_grids = token - 8804`, `h_latent_dim = 2 * h_grids`) and
+# data/convertsation.py (every turn ends with `<reserved08706>`, id 8710). The uncond context
+# is the sequence from the image-start token on (inference_solver.py's CFG processor).
+@pytest.mark.parametrize("pixels, cond, uncond", [
+    (512, [0, 101, 102, 8710, 8197, 8820, 8820], [8197, 8820, 8820]),  # 16 grids: 32 rows
+    (768, [0, 101, 102, 8710, 8197, 8828, 8828], [8197, 8828, 8828]),  # 24 grids: 48 rows
+])
+def test_prefix_ids_are_the_official_ones(pixels, cond, uncond):
+    rows = pixels // 16
+    family = LuminaFamily(name="lumina", prefix_capacity=16, image_offset=65536, line_extra=1,
+                          eol_id=8803, height=rows, width=rows)
+    groups = family.prefix_groups([[0, 101, 102]], cfg=True, device=torch.device("cpu"))
+    assert [(g.rows, g.input_ids.tolist(), g.position_ids.tolist(), g.image_position)
+            for g in groups] == [([0], [cond], [list(range(7))], 7),
+                                 ([1], [uncond], [[0, 1, 2]], 3)]
+    assert family.prompt_capacity() == 16 - 4
+
+
+def test_size_tokens_are_height_then_width():
+    family = LuminaFamily(name="lumina", prefix_capacity=16, height=32, width=48)  # 512 x 768
+    assert family.image_context() == [8197, 8820, 8828]
+
+
+class RecordingTokenizer:
+    """Stands in for Chameleon's tokenizer: records the text, returns one id per word."""
+
+    bos_token_id, eos_token_id = 0, 2
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        self.text, self.special = text, add_special_tokens
+        return [100 + index for index, _ in enumerate(text.split(" "))]
+
+
+def test_prompt_is_bos_and_the_official_instruction():
+    tokenizer = RecordingTokenizer()
+    ids = prompt_ids(tokenizer, "a lighthouse at dusk", 768)
+    # lumina_mgpt/generate_examples/generate.py's instruction; the solver encodes the human
+    # turn without special tokens and puts BOS first (xllmx/data/item_processor.py).
+    assert tokenizer.text == ("Generate an image of 768x768 according to the following "
+                              "prompt:\na lighthouse at dusk")
+    assert tokenizer.special is False
+    assert ids == [0] + [100 + i for i in range(13)]  # 13 space-separated pieces
+
+
+def test_an_image_size_of_odd_grids_is_a_user_error(pair):
+    hf, _ = pair
+    with pytest.raises(UserError, match="multiple of 32"):
+        LuminaStep(hf, SequenceLayout(prefix=12, height=5, width=4), eol_id=5,
+                   image_start_id=4, size_base_id=6, separator_id=3)

@@ -12,7 +12,8 @@ from linear_export.engines.torch import TorchEngine
 from linear_export.errors import UserError
 from linear_export.export.artifact import build_artifact, load_artifact, reference_model
 from linear_export.export.compare import compare_engines, format_report
-from linear_export.models.configs import GPTConfig, SequenceLayout
+from linear_export.models.configs import GPTConfig, SequenceLayout, get_config
+from linear_export.models.families import load_step_model
 from linear_export.models.families.t2i import T2IGPT, load_caption
 from linear_export.models.gpt import init_weights
 from linear_export.runtime.generate import generate
@@ -134,3 +135,73 @@ def test_ort_artifact_generates_the_torch_tokens_with_guidance(model, artifact):
                              captions, cfg_scale=3.0, dtype_name="fp32")
     assert report.passed, format_report(report)
     assert report.outputs["logits"].steps == report.steps == LAYOUT.image_tokens * 2
+
+
+def official_t2i_shapes(dim: int, n_layer: int, vocab: int, hidden: int) -> dict[str, tuple]:
+    """The key set and shapes of LlamaGen's t2i checkpoints, written from the release facts
+    (shared/reference/llamagen.md; LlamaGen's autoregressive/models/gpt.py): MHA, no biases
+    anywhere, the caption MLP over 120 x 2048 flan-t5-xl features bias-free too."""
+    shapes = {
+        "cls_embedding.cap_proj.fc1.weight": (dim, 2048),
+        "cls_embedding.cap_proj.fc2.weight": (dim, dim),
+        "cls_embedding.uncond_embedding": (120, 2048),
+        "tok_embeddings.weight": (vocab, dim),
+        "norm.weight": (dim,),
+        "output.weight": (vocab, dim),
+    }
+    for n in range(n_layer):
+        shapes.update({
+            f"layers.{n}.attention.wqkv.weight": (3 * dim, dim),
+            f"layers.{n}.attention.wo.weight": (dim, dim),
+            f"layers.{n}.feed_forward.w1.weight": (hidden, dim),
+            f"layers.{n}.feed_forward.w3.weight": (hidden, dim),
+            f"layers.{n}.feed_forward.w2.weight": (dim, hidden),
+            f"layers.{n}.attention_norm.weight": (dim,),
+            f"layers.{n}.ffn_norm.weight": (dim,),
+        })
+    return shapes
+
+
+def test_t2i_gpt_b_has_exactly_the_official_key_set_and_shapes():
+    config = get_config("GPT-B", cls_token_num=120)
+    with torch.device("meta"):
+        model = T2IGPT(config, SequenceLayout(prefix=120, height=32, width=32))
+    got = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    assert got == official_t2i_shapes(768, 12, 16384, 2048)
+
+
+def save_official_tiny(path, extra: dict | None = None) -> dict[str, torch.Tensor]:
+    """GPT-tiny (dim 64, 2 layers, vocab 64; SwiGLU hidden round_up(170, 32) = 192) saved in
+    the official layout: the weights under "model" of a torch pickle."""
+    generator = torch.Generator().manual_seed(11)
+    state = {key: torch.randn(shape, generator=generator) * 0.05
+             for key, shape in official_t2i_shapes(64, 2, 64, 192).items()}
+    state.update(extra or {})
+    torch.save({"model": state}, path)
+    return state
+
+
+def test_checkpoint_with_exactly_the_official_keys_loads(tmp_path):
+    state = save_official_tiny(tmp_path / "t2i.pt")
+    model = load_step_model("llamagen-t2i", checkpoint=tmp_path / "t2i.pt",
+                            model_name="GPT-tiny", image_size=16)
+    features = torch.randn(3, 2048, generator=torch.Generator().manual_seed(2))
+    fc1 = state["cls_embedding.cap_proj.fc1.weight"]
+    fc2 = state["cls_embedding.cap_proj.fc2.weight"]
+    want = F.gelu(features @ fc1.T, approximate="tanh") @ fc2.T  # no bias terms
+    with torch.no_grad():
+        torch.testing.assert_close(model.cls_embedding.cap_proj(features), want)
+    torch.testing.assert_close(model.cls_embedding.uncond_embedding,
+                               state["cls_embedding.uncond_embedding"])
+
+
+def test_checkpoint_with_caption_biases_is_one_clear_error(tmp_path):
+    save_official_tiny(tmp_path / "biased.pt",
+                       {"cls_embedding.cap_proj.fc1.bias": torch.zeros(64),
+                        "cls_embedding.cap_proj.fc2.bias": torch.zeros(64)})
+    with pytest.raises(UserError) as error:
+        load_step_model("llamagen-t2i", checkpoint=tmp_path / "biased.pt",
+                        model_name="GPT-tiny", image_size=16)
+    message = str(error.value)
+    assert "unexpected cls_embedding.cap_proj.fc1.bias, cls_embedding.cap_proj.fc2.bias" in message
+    assert "has no biases" in message and "\n" not in message and message.endswith(".")

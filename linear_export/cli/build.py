@@ -97,11 +97,13 @@ def build_from_options(
     chosen = build_policy(model.family.token_layout(model.layout), policy, budget)
     vq_decoder = None
     if vq_checkpoint is not None:
-        if family != "llamagen":
-            raise UserError(f"--vq-checkpoint exports LlamaGen's VQ decoder; --family {family} "
-                            "decodes with its own tokenizer, which artifacts do not hold yet.")
-        from .generate import load_decoder  # generate imports this module
+        if family not in ("llamagen", "lumina"):
+            raise UserError(f"--vq-checkpoint exports LlamaGen's or Chameleon's VQ decoder; "
+                            f"--family {family} decodes with its own tokenizer, which artifacts "
+                            "do not hold yet.")
+        from .generate import CHAMELEON_VQ, load_decoder  # generate imports this module
 
+        vq_model = CHAMELEON_VQ if family == "lumina" else vq_model
         stage(f"loading the {vq_model} decoder from {vq_checkpoint}")
         vq_decoder = (load_decoder(vq_checkpoint, vq_model, model.config),
                       {"model": vq_model, "path": str(Path(vq_checkpoint).resolve()),
@@ -168,7 +170,8 @@ def build_from_options(
 @click.option("--force", is_flag=True, help="Replace an existing artifact (once the new one is "
                                             "complete).")
 @click.option("--vq-checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Also export this VQ tokenizer's decoder (vq_decoder.onnx); generate "
+              help="Also export this VQ tokenizer's decoder (vq_decoder.onnx; for --family "
+                   "lumina Chameleon's vqgan.ckpt); generate "
                    "--engine ort then decodes images with ONNX Runtime.")
 @click.option("--vq-model", default="VQ-16", show_default=True, help="VQ tokenizer config.")
 @click.option("--tensorrt", is_flag=True,

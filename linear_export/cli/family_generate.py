@@ -18,10 +18,10 @@ from ..runtime.generate import generate as run_generation
 from ..runtime.sampling import SamplingConfig
 from .options import build_policy
 
-# How the original releases wrap a prompt before the image (Janus-Pro's SFT template with the
-# image-start tag; Lumina-mGPT's generation instruction).
+# How Janus-Pro wraps a prompt before the image: the "deepseek" SFT template with an empty
+# system prompt (janus/utils/conversation.py; the stripped prompt, as its processor strips it),
+# then the image-start tag (its README's generation example). Lumina's is in its family module.
 JANUS_TEMPLATE = "<|User|>: {prompt}\n\n<|Assistant|>:<begin_of_image>"
-LUMINA_TEMPLATE = "Generate an image of {size}x{size} according to the following prompt:\n{prompt}"
 
 
 def artifact_engine(family: str, engine_name: str, artifact_dir: Path | None, device: str):
@@ -61,8 +61,26 @@ def conditions_for(family: str, adapter, checkpoint: str | None, prompts: tuple[
         raise UserError(f"No tokenizer in '{checkpoint}' ({type(error).__name__}); pass the "
                         "model directory that holds its tokenizer files.") from None
     if family == "janus":
-        return [tokenizer.encode(JANUS_TEMPLATE.format(prompt=p)) for p in prompts]
-    return [tokenizer.encode(LUMINA_TEMPLATE.format(size=image_size, prompt=p)) for p in prompts]
+        return [tokenizer.encode(JANUS_TEMPLATE.format(prompt=p.strip())) for p in prompts]
+    from ..models.families.lumina import prompt_ids
+
+    return [prompt_ids(tokenizer, p, image_size) for p in prompts]
+
+
+def family_decoder(family: str, checkpoint: str | None, load_vq, engine, from_artifact: bool):
+    """decode(codes) for --out, or None: Janus's own, --vq-checkpoint's, or the artifact's."""
+    if family == "janus":
+        from ..models.families.janus import load_janus_decoder
+
+        return load_janus_decoder(checkpoint)
+    if load_vq is not None:
+        return load_vq(engine.config).decode_codes
+    if from_artifact and "vq_decoder" in engine.artifact.manifest:
+        from ..engines.ort_vq import OrtVQDecoder  # the artifact's decoder (build --vq-checkpoint)
+
+        record = engine.artifact.manifest["vq_decoder"]
+        return OrtVQDecoder(engine.artifact.path / record["file"]).decode_codes
+    return None
 
 
 def generate_family(*, family: str, checkpoint: str | None, random_weights: bool,
@@ -74,18 +92,17 @@ def generate_family(*, family: str, checkpoint: str | None, random_weights: bool
                     artifact_dir: Path | None = None, load_vq=None) -> None:
     """Run a non-c2i family on the torch engine, or a built artifact on ort/tensorrt.
 
-    `load_vq(config)`: LlamaGen's VQ decoder (--vq-checkpoint), for llamagen-t2i images.
+    `load_vq(config)`: the VQ decoder of --vq-checkpoint: LlamaGen's for llamagen-t2i images,
+    Chameleon's VQGAN for lumina (an artifact built with one decodes with its ONNX graph).
     """
     check_family(family, checkpoint)
     if knobs.get("head_budgets") is not None:
         raise UserError(f"--head-budgets runs on LlamaGen class-to-image models for now, not "
                         f"--family {family}; drop it.")
-    if load_vq is not None and family != "llamagen-t2i":
-        raise UserError(f"--vq-checkpoint decodes LlamaGen tokens; --family {family} "
-                        + ("decodes with Janus's own VQ decoder from the model directory; "
-                           "drop --vq-checkpoint." if family == "janus" else
-                           "has no decoder here yet (Chameleon's VQ-VAE in transformers is "
-                           "encoder-only); drop --vq-checkpoint."))
+    if load_vq is not None and family == "janus":
+        raise UserError("--vq-checkpoint decodes LlamaGen or Chameleon tokens; --family janus "
+                        "decodes with Janus's own VQ decoder from the model directory; drop "
+                        "--vq-checkpoint.")
     if engine_name != "torch" or artifact_dir is not None:
         model, engine = None, artifact_engine(family, engine_name, artifact_dir, device)
         checkpoint = checkpoint or engine.artifact.manifest["weights"].get("path")
@@ -101,13 +118,9 @@ def generate_family(*, family: str, checkpoint: str | None, random_weights: bool
         engine = make_engine("torch", model)
     conditions = conditions_for(family, engine.family, checkpoint, prompts, caption_features,
                                 image_size)
-    decode = None  # loaded before generating: a bad decoder fails early
-    if out is not None and family == "janus":
-        from ..models.families.janus import load_janus_decoder
-
-        decode = load_janus_decoder(checkpoint)
-    elif out is not None and load_vq is not None:
-        decode = load_vq(engine.config).decode_codes
+    # Loaded before generating: a bad decoder fails early.
+    decode = None if out is None else family_decoder(family, checkpoint, load_vq, engine,
+                                                     from_artifact=model is None)
     total = num_images or len(conditions)
     conditions = [conditions[i % len(conditions)] for i in range(total)]
     chosen = build_policy(engine.family.token_layout(engine.layout), policy, budget, **knobs)
@@ -138,6 +151,8 @@ def generate_family(*, family: str, checkpoint: str | None, random_weights: bool
             files["grid.png"] = png_bytes(image_grid(pictures))
         write_directory(out, files, force)
     written = "images and token grids" if decode is not None else (
-        "token grids written; decode them with the family's own VQ decoder")
+        "token grids written; pass --vq-checkpoint (Chameleon's vqgan.ckpt) for images"
+        if family == "lumina" else "token grids written; decode them with the family's own VQ "
+        "decoder")
     click.echo(f"{total} images ({family}), {chosen.name} policy, capacity {chosen.capacity} "
                f"slots: {written}.")

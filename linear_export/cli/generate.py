@@ -14,6 +14,7 @@ from ..engines import ENGINES, make_engine
 from ..errors import UserError
 from ..export.artifact import load_artifact
 from ..models import GPTConfig, SequenceLayout, get_config, load_gpt
+from ..models.chameleon_vq import NAME as CHAMELEON_VQ
 from ..models.families import FAMILIES, check_family
 from ..models.vq import load_vq
 from ..outputs import (
@@ -33,7 +34,14 @@ from .options import build_policy, model_options, parse_classes, policy_options
 
 
 def load_decoder(path: str, vq_model: str, config: GPTConfig):
-    """The VQ decoder for the GPT's tokens; codebook and stride must match the GPT's."""
+    """The VQ decoder for the GPT's tokens; codebook and stride must match the GPT's.
+
+    `vq_model` "chameleon-vqgan" is Lumina-mGPT's tokenizer (Meta's vqgan.ckpt).
+    """
+    if vq_model == CHAMELEON_VQ:
+        from ..models.chameleon_vq import load_chameleon_vq
+
+        return load_chameleon_vq(path, codes=config.vocab_size)
     vq = load_vq(path, vq_model, encoder=False)
     if vq.config.codebook_size != config.vocab_size:
         raise UserError(f"The VQ checkpoint has {vq.config.codebook_size} codes but the GPT has "
@@ -124,7 +132,8 @@ def peak_rss_bytes() -> int:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output directory: one PNG per image, grid.png, tokens.npy, stats.json.")
 @click.option("--vq-checkpoint", type=click.Path(dir_okay=False), default=None,
-              help="LlamaGen VQ tokenizer checkpoint that decodes tokens into images.")
+              help="VQ tokenizer checkpoint that decodes tokens into images: LlamaGen's, or "
+                   "for --family lumina Chameleon's vqgan.ckpt.")
 @click.option("--vq-model", default="VQ-16", show_default=True, help="VQ tokenizer config.")
 @click.option("--no-decode", is_flag=True, help="Write tokens and stats only, no images.")
 @click.option("--cuda-graph", is_flag=True,
@@ -173,7 +182,8 @@ def generate(
             seed=seed, engine_name=engine_name, save_tokens=save_tokens, stats_json=stats_json,
             out=out, force=force, artifact_dir=artifact_dir,
             load_vq=None if vq_checkpoint is None or no_decode
-            else lambda config: load_decoder(vq_checkpoint, vq_model, config))
+            else lambda config: load_decoder(
+                vq_checkpoint, CHAMELEON_VQ if family == "lumina" else vq_model, config))
         return
     if checkpoint is not None and Path(checkpoint).is_dir():
         check_family(family, checkpoint)  # a Hugging Face directory of another family

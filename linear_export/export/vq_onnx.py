@@ -1,4 +1,4 @@
-"""Export the VQ decoder (codes -> images) to ONNX."""
+"""Export a VQ decoder (codes -> images) to ONNX: LlamaGen's VQModel or Chameleon's VQGAN."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import onnx
 import torch
 from torch import nn
 
+from linear_export.models.chameleon_vq import ChameleonVQDecoder
 from linear_export.models.vq import VQModel
+
+Decoder = VQModel | ChameleonVQDecoder  # anything with decode_codes(codes [B, h, w])
 
 INPUT_NAME = "codes"
 OUTPUT_NAME = "images"
@@ -17,7 +20,7 @@ OUTPUT_NAME = "images"
 class _DecodeCodes(nn.Module):
     """Wraps `VQModel.decode_codes` as a module's forward, which the exporter needs."""
 
-    def __init__(self, model: VQModel) -> None:
+    def __init__(self, model: Decoder) -> None:
         super().__init__()
         self.model = model
 
@@ -26,7 +29,7 @@ class _DecodeCodes(nn.Module):
 
 
 def export_vq_decoder(
-    model: VQModel, path: Path, opset: int = 18, *, grid: int | tuple[int, int] = 16
+    model: Decoder, path: Path, opset: int = 18, *, grid: int | tuple[int, int] = 16
 ) -> None:
     """Write `decode_codes` as ONNX: int64 codes [B, h, w] -> float32 images [B, 3, H, W]."""
     h, w = (grid, grid) if isinstance(grid, int) else grid

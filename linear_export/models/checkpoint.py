@@ -82,8 +82,13 @@ def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], model_name:
         if mis_shaped:
             problems.append(f"mis-shaped {', '.join(mis_shaped[:3])}")
         guess = guess_config_name(state_dict)
+        kind = "t2i" if hasattr(model, "caption_dim") else "c2i"
         hint = (f"it looks like --model {guess}" if guess and guess != model_name
-                else "check --model and that this is a LlamaGen c2i GPT checkpoint")
+                else f"check --model and that this is a LlamaGen {kind} GPT checkpoint")
+        if any(".cap_proj." in key and key.endswith(".bias") for key in unexpected):
+            hint = ("LlamaGen's caption MLP (cap_proj.fc1/fc2) has no biases, so this is not a "
+                    "checkpoint of the official t2i release; drop the bias tensors or re-save it "
+                    "from LlamaGen's code")
         raise UserError(f"Checkpoint does not match --model {model_name} "
                         f"({'; '.join(problems)}); {hint}.")
     model.load_state_dict(state_dict, strict=True)

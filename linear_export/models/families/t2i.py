@@ -1,7 +1,8 @@
 """LlamaGen text-to-image: a 120-token caption prefix of projected T5 features.
 
-Checkpoint keys as the official t2i release: `cls_embedding.cap_proj.fc1/fc2` (GELU-tanh MLP
-over 2048-d flan-t5-xl features) and `cls_embedding.uncond_embedding` (120 x 2048) for CFG.
+Checkpoint keys as the official t2i release: `cls_embedding.cap_proj.fc1/fc2` (a bias-free
+GELU-tanh MLP over 2048-d flan-t5-xl features; LlamaGen's autoregressive/models/gpt.py) and
+`cls_embedding.uncond_embedding` (120 x 2048) for CFG.
 The original left-pads captions and masks the padding as keys for every query; padding
 therefore never influences a valid token, and the step feeds only the n valid caption tokens
 (their 2D-RoPE rows are zero, so their positions do not matter). Uncond rows take the last n
@@ -28,9 +29,12 @@ CAPTION_TOKENS = 120
 
 
 class CaptionMLP(nn.Module):
+    """fc1 -> GELU-tanh -> fc2, both bias-free as in LlamaGen's release (gpt.py's MLP)."""
+
     def __init__(self, in_dim: int, dim: int):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(in_dim, dim), nn.Linear(dim, dim)
+        self.fc1 = nn.Linear(in_dim, dim, bias=False)
+        self.fc2 = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(nn.functional.gelu(self.fc1(x), approximate="tanh"))
