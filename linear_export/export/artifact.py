@@ -23,6 +23,7 @@ from ..models.checkpoint import load_into, read_state_dict
 from ..models.families import Family, family_from_json, load_hf_step
 from ..models.families.llamagen import LlamaGenC2I
 from ..models.gpt import GPT, init_weights
+from .consistency import check_manifest, manifest_text
 from .onnx_step import (
     DEFAULT_OPSET,
     export_embeds_prefill_sharing,
@@ -235,7 +236,7 @@ def build_artifact(
                              _hash_files(staging))
         if vq_decoder is not None:
             manifest["vq_decoder"] = {"file": VQ_DECODER, **vq_decoder[1]}
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (staging / MANIFEST).write_text(manifest_text(manifest))
         _move_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -308,7 +309,10 @@ def load_artifact(path: str | Path, *, check_hashes: bool = True) -> Artifact:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
         version = manifest["schema_version"]
-    except (ValueError, KeyError, TypeError):
+        if not all(isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)
+                   for entry in files.values()):
+            raise KeyError("files")  # an entry without its size and hash
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise UserError(f"{MANIFEST} in '{path}' is corrupt (not a valid manifest); "
                         f"{REBUILD}.") from None
     if version not in READABLE_VERSIONS:
@@ -326,6 +330,7 @@ def load_artifact(path: str | Path, *, check_hashes: bool = True) -> Artifact:
                             f"says {entry['bytes']}); {REBUILD}.")
         if check_hashes and sha256_file(file) != entry["sha256"]:
             raise UserError(f"{name} is corrupt (sha256 mismatch); {REBUILD}.")
+    check_manifest(path, manifest)  # the manifest itself: against the graphs and its digest
     return Artifact(path, manifest)
 
 
@@ -380,4 +385,4 @@ def rehash(artifact_dir: Path) -> None:
     manifest["files"] = {name: {"sha256": sha256_file(Path(artifact_dir) / name),
                                 "bytes": (Path(artifact_dir) / name).stat().st_size}
                          for name in manifest["files"]}
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    manifest_path.write_text(manifest_text(manifest))
