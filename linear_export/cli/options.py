@@ -80,11 +80,6 @@ def build_policy(layout: SequenceLayout, policy: str, budget: str,
     """The policy the options ask for; `head_budgets` (a file) needs `model_config`."""
     if policy not in POLICIES:
         raise UserError(f"Unknown policy '{policy}'; choose one of: {', '.join(POLICIES)}.")
-    for name in ("recent_lines", "anchor", "score_queries", "lookahead", "sinks",
-                 "recent_tokens"):
-        value = knobs.get(name)
-        if value is not None and value < 0:
-            raise UserError(f"--{name.replace('_', '-')} {value} is negative; give 0 or more.")
     tokens = None if policy == "full" else parse_budget(budget, layout)
     chosen = Policy(PolicyConfig(name=policy, budget=tokens, **knobs), layout)
     if head_budgets is None:
