@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ from ..models.checkpoint import load_into, read_state_dict
 from ..models.families import Family, family_from_json, load_hf_step
 from ..models.families.llamagen import LlamaGenC2I
 from ..models.gpt import GPT, init_weights
+from ..outputs import FULL_DISK, clear_write_errors, write_failure
 from .consistency import check_manifest, manifest_text
 from .onnx_step import (
     DEFAULT_OPSET,
@@ -186,8 +188,9 @@ def build_artifact(
         raise UserError(f"Capacity {capacity} exceeds the whole sequence ({sequence} tokens).")
     if max_batch < 1:
         raise UserError(f"--max-batch {max_batch} must be at least 1.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    with clear_write_errors(out):  # no permission to write there: one sentence
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         os.chmod(staging, directory_mode())  # mkdtemp's 0700 would hide the artifact from others
         started = time.perf_counter()
@@ -238,6 +241,11 @@ def build_artifact(
             manifest["vq_decoder"] = {"file": VQ_DECODER, **vq_decoder[1]}
         (staging / MANIFEST).write_text(manifest_text(manifest))
         _move_into_place(staging, out)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if error.errno in FULL_DISK:  # the staging directory is gone, `out` untouched
+            raise write_failure(out, error) from None
+        raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -287,8 +295,12 @@ def _hash_files(directory: Path) -> dict[str, dict]:
 def _move_into_place(staging: Path, out: Path) -> None:
     """Rename the finished artifact to `out`; an old one is removed only after the swap."""
     if not out.exists():
-        os.replace(staging, out)
-        return
+        try:
+            os.replace(staging, out)
+            return
+        except OSError as error:  # another build placed `out` since: replace that one
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
     retired = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
     os.replace(out, retired / out.name)
     os.replace(staging, out)
