@@ -147,3 +147,9 @@ def test_a_sub_line_budget_is_fine_when_no_recent_line_is_asked_for() -> None:
     layout = SequenceLayout(prefix=1, height=16, width=DEMO_LINE)
     policy = build_policy(layout, "linear", "7", recent_lines=0)
     assert policy.budget == 7 and policy.capacity == 1 + 7 + DEMO_LINE
+
+
+@pytest.mark.parametrize("args", [["--cfg-scale", "nan"], ["--temperature", "inf"]])
+def test_sampling_knobs_must_be_finite(args) -> None:
+    result = CliRunner().invoke(main, ["generate", "--budget", "1/4", *args, "--no-decode"])
+    assert result.exit_code == 2 and "must be finite numbers" in result.output
