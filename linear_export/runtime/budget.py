@@ -34,8 +34,8 @@ def parse_budget(text: str, layout: SequenceLayout) -> int:
         else:
             raise ValueError
     except (ValueError, ZeroDivisionError):
-        raise UserError(f"--budget '{text}' is not understood; give {BUDGET_HELP}.") from None
+        raise UserError(f"--budget {text!r} is not understood; give {BUDGET_HELP}.") from None
     if tokens <= 0:
-        raise UserError(f"--budget '{text}' keeps no image tokens; give 1 to "
+        raise UserError(f"--budget {text!r} keeps no image tokens; give 1 to "
                         f"{layout.image_tokens} tokens, or a share such as 1/4.")
     return min(tokens, layout.image_tokens)

@@ -83,13 +83,13 @@ class Policy:
     def __init__(self, config: PolicyConfig, layout: SequenceLayout):
         if config.name not in POLICIES:
             known = ", ".join(POLICIES)
-            raise UserError(f"Unknown policy '{config.name}'; choose one of: {known}.")
+            raise UserError(f"Unknown policy {config.name!r}; choose one of: {known}.")
         self.lookahead = config.lookahead
         if self.lookahead is None:
             self.lookahead = (DEFAULT_LOOKAHEAD if config.head_budgets is None
                               else HEAD_SHARED_LOOKAHEAD)
         if config.granularity not in ("head", "layer"):
-            raise UserError(f"Unknown granularity '{config.granularity}'; use head or layer.")
+            raise UserError(f"Unknown granularity {config.granularity!r}; use head or layer.")
         self.config, self.layout = config, layout
         _check_knob_ranges(config, self.lookahead, layout)
         budget = layout.image_tokens if config.budget is None else config.budget
