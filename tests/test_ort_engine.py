@@ -118,7 +118,7 @@ def test_outputs_are_preallocated_once_per_shape() -> None:
     policy = fit_policy(policies(engine.layout)[1], engine.capacity)
     generate(Recording(), [1, 2], policy, GREEDY)
     assert all(len(pointers) == 1 for pointers in seen.values()), seen
-    assert len(engine._bindings) == len(seen) <= 2  # (scores, noscores) at B=4, T=1
+    assert len(engine._bindings) == len(seen) <= 2  # (scored, decode) at B=4, T=1
 
 
 def test_batch_and_capacity_checks() -> None:

@@ -126,7 +126,9 @@ def test_linear_recent_lines_default_to_one_then_half_the_budget() -> None:
     chosen = {lines: Policy(PolicyConfig("linear", budget=lines * 4), layout).recent_lines
               for lines in (2, 3, 4, 5, 6, 8, 10)}
     assert chosen == {2: 1, 3: 1, 4: 1, 5: 2, 6: 3, 8: 4, 10: 5}
-    assert Policy(PolicyConfig("linear", budget=3), layout).recent_lines == 0  # under a line
+    with pytest.raises(UserError, match="smaller than the 1 recent line"):  # under a line
+        Policy(PolicyConfig("linear", budget=3), layout)
+    assert Policy(PolicyConfig("linear", budget=3, recent_lines=0), layout).recent_lines == 0
     assert Policy(PolicyConfig("linear", budget=32, recent_lines=1), layout).recent_lines == 1
     # What select() keeps follows: with 8 lines' budget the 4 newest lines are all there.
     policy = Policy(PolicyConfig("linear", budget=32), layout)

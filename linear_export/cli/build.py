@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import inspect
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -32,6 +35,7 @@ from ..models.families import (
     hf_weights_record,
     load_step_model,
 )
+from ..outputs import clear_write_errors
 from ..runtime.budget import BUDGET_HELP
 from ..runtime.policies import POLICIES, Policy
 from .options import build_policy
@@ -269,18 +273,33 @@ def cached_artifact(
         key["head_shared"] = True
     key = json.dumps(key, sort_keys=True)
     out = cache_root() / hashlib.sha256(key.encode()).hexdigest()[:20]
-    if (out / "manifest.json").is_file():
+    with _exclusive(out.with_name(f".{out.name}.lock")):  # runs at once: one builds, others wait
+        if (out / "manifest.json").is_file():
+            try:
+                return load_artifact(out)
+            except UserError as error:
+                echo(f"Rebuilding the cached artifact {out}: {error}")
+        echo(f"Building an ort artifact for {model_name} ({policy.capacity} cache slots) into "
+             f"{out}; later runs reuse it.")
+        budget = str(policy.budget) if policy.name != "full" else "1/4"
+        return build_from_options(
+            checkpoint=checkpoint, random_weights=checkpoint is None, model_name=model_name,
+            image_size=image_size, dtype=dtype, policy=policy.name, budget=budget,
+            max_batch=max_batch, out=out, force=True, seed=seed,
+            split_cache=True, echo=echo,  # nobody sees this graph: the faster, copy-free form
+            head_shared=policy.head_shared,
+        )
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    """An exclusive lock on `lock` (created if need be), released however the block ends."""
+    with clear_write_errors(lock.parent):
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock, "a")  # noqa: SIM115 - held open for the lock's lifetime
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            return load_artifact(out)
-        except UserError as error:
-            echo(f"Rebuilding the cached artifact {out}: {error}")
-    echo(f"Building an ort artifact for {model_name} ({policy.capacity} cache slots) into {out}; "
-         "later runs reuse it.")
-    budget = str(policy.budget) if policy.name != "full" else "1/4"
-    return build_from_options(
-        checkpoint=checkpoint, random_weights=checkpoint is None, model_name=model_name,
-        image_size=image_size, dtype=dtype, policy=policy.name, budget=budget,
-        max_batch=max_batch, out=out, force=True, seed=seed,
-        split_cache=True, echo=echo,  # nobody sees this graph: the faster, copy-free form
-        head_shared=policy.head_shared,
-    )
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -79,12 +79,7 @@ def build_policy(layout: SequenceLayout, policy: str, budget: str,
                  **knobs: object) -> Policy:
     """The policy the options ask for; `head_budgets` (a file) needs `model_config`."""
     if policy not in POLICIES:
-        raise UserError(f"Unknown policy '{policy}'; choose one of: {', '.join(POLICIES)}.")
-    for name in ("recent_lines", "anchor", "score_queries", "lookahead", "sinks",
-                 "recent_tokens"):
-        value = knobs.get(name)
-        if value is not None and value < 0:
-            raise UserError(f"--{name.replace('_', '-')} {value} is negative; give 0 or more.")
+        raise UserError(f"Unknown policy {policy!r}; choose one of: {', '.join(POLICIES)}.")
     tokens = None if policy == "full" else parse_budget(budget, layout)
     chosen = Policy(PolicyConfig(name=policy, budget=tokens, **knobs), layout)
     if head_budgets is None:
@@ -100,7 +95,7 @@ def parse_classes(text: str, num_classes: int) -> list[int]:
     try:
         classes = [int(part) for part in text.replace(" ", "").split(",") if part]
     except ValueError:
-        raise UserError(f"--classes '{text}' is not a comma-separated list of class ids such as "
+        raise UserError(f"--classes {text!r} is not a comma-separated list of class ids such as "
                         "207,360,387.") from None
     if not classes:
         raise UserError("--classes is empty; give at least one class id such as 207.")

@@ -16,6 +16,7 @@ import torch
 
 from ..errors import UserError
 from ..export.artifact import Artifact, directory_mode, load_artifact
+from ..export.consistency import entry_intact, stamp_entry
 from ..export.onnx_step import IN_PLACE, SCORE_OUTPUT, SLOT_OWNER
 from ..export.split_cache import CACHE_INPUTS, layer_input
 from ..runtime.cache import KVCache
@@ -122,7 +123,8 @@ class OrtEngine:
                f"ort{ort.__version__}.{content}.{_machine_tag()}")
         cached = source.parent / CACHE_DIR / tag / "model.onnx"
         newest_source = max((source.parent / name).stat().st_mtime for name in files)
-        if self.cache_optimized and cached.is_file() and cached.stat().st_mtime >= newest_source:
+        if self.cache_optimized and cached.is_file() and cached.stat().st_mtime >= newest_source \
+                and entry_intact(cached.parent):  # a truncated or altered entry is rebuilt
             try:
                 return ort.InferenceSession(str(cached), self._options(),
                                             providers=self.providers)
@@ -154,6 +156,7 @@ class OrtEngine:
         if scratch is not None:
             # A directory rename is atomic, so a concurrent reader never sees half a cache entry.
             try:
+                stamp_entry(scratch)
                 shutil.rmtree(cached.parent, ignore_errors=True)
                 os.replace(scratch, cached.parent)
             except OSError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -23,6 +24,8 @@ from ..models.checkpoint import load_into, read_state_dict
 from ..models.families import Family, family_from_json, load_hf_step
 from ..models.families.llamagen import LlamaGenC2I
 from ..models.gpt import GPT, init_weights
+from ..outputs import FULL_DISK, clear_write_errors, write_failure
+from .consistency import check_manifest, manifest_text
 from .onnx_step import (
     DEFAULT_OPSET,
     decode_kernel,
@@ -211,8 +214,9 @@ def build_artifact(
         raise UserError(f"Capacity {capacity} exceeds the whole sequence ({sequence} tokens).")
     if max_batch < 1:
         raise UserError(f"--max-batch {max_batch} must be at least 1.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    with clear_write_errors(out):  # no permission to write there: one sentence
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         os.chmod(staging, directory_mode())  # mkdtemp's 0700 would hide the artifact from others
         started = time.perf_counter()
@@ -271,8 +275,13 @@ def build_artifact(
                              _hash_files(staging))
         if vq_decoder is not None:
             manifest["vq_decoder"] = {"file": VQ_DECODER, **vq_decoder[1]}
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (staging / MANIFEST).write_text(manifest_text(manifest))
         _move_into_place(staging, out)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if error.errno in FULL_DISK:  # the staging directory is gone, `out` untouched
+            raise write_failure(out, error) from None
+        raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -322,8 +331,12 @@ def _hash_files(directory: Path) -> dict[str, dict]:
 def _move_into_place(staging: Path, out: Path) -> None:
     """Rename the finished artifact to `out`; an old one is removed only after the swap."""
     if not out.exists():
-        os.replace(staging, out)
-        return
+        try:
+            os.replace(staging, out)
+            return
+        except OSError as error:  # another build placed `out` since: replace that one
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
     retired = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
     os.replace(out, retired / out.name)
     os.replace(staging, out)
@@ -344,7 +357,10 @@ def load_artifact(path: str | Path, *, check_hashes: bool = True) -> Artifact:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
         version = manifest["schema_version"]
-    except (ValueError, KeyError, TypeError):
+        if not all(isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)
+                   for entry in files.values()):
+            raise KeyError("files")  # an entry without its size and hash
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise UserError(f"{MANIFEST} in '{path}' is corrupt (not a valid manifest); "
                         f"{REBUILD}.") from None
     if version not in READABLE_VERSIONS:
@@ -362,6 +378,7 @@ def load_artifact(path: str | Path, *, check_hashes: bool = True) -> Artifact:
                             f"says {entry['bytes']}); {REBUILD}.")
         if check_hashes and sha256_file(file) != entry["sha256"]:
             raise UserError(f"{name} is corrupt (sha256 mismatch); {REBUILD}.")
+    check_manifest(path, manifest)  # the manifest itself: against the graphs and its digest
     return Artifact(path, manifest)
 
 
@@ -416,4 +433,4 @@ def rehash(artifact_dir: Path) -> None:
     manifest["files"] = {name: {"sha256": sha256_file(Path(artifact_dir) / name),
                                 "bytes": (Path(artifact_dir) / name).stat().st_size}
                          for name in manifest["files"]}
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    manifest_path.write_text(manifest_text(manifest))

@@ -21,6 +21,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..models.attention import DEFAULT_LOOKAHEAD, MAX_LOOKAHEAD
 from .artifact import MANIFEST, SCORE, STEP, STEP_DECODE, sha256_file
+from .consistency import manifest_text
 
 TIMING_CACHE = "tensorrt.timing_cache"  # inside the artifact, not hashed: it only speeds builds
 PLAN_NAMES = {STEP: "step.plan", STEP_DECODE: "step_decode.plan", SCORE: "score.plan"}
@@ -263,7 +264,7 @@ def add_tensorrt_plans(directory: Path, config: TrtBuildConfig,
             files[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
             os.replace(path, directory / name)
         _write_atomic(directory / MANIFEST,
-                      (json.dumps(with_plans(manifest, record, files), indent=2) + "\n").encode())
+                      manifest_text(with_plans(manifest, record, files)).encode())
     finally:
         for path in staged.values():
             path.unlink(missing_ok=True)

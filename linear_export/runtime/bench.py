@@ -61,7 +61,7 @@ def parse_size(text: str) -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*", str(text).lower())
     value = float(match[1]) * SIZE_UNITS[match[2]] if match and match[2] in SIZE_UNITS else 0
     if value < 1:
-        raise UserError(f"--memory-limit '{text}' is not a size; give a number with a unit such "
+        raise UserError(f"--memory-limit {text!r} is not a size; give a number with a unit such "
                         "as 8GiB, 8GB or 512MiB.")
     return int(value)
 
@@ -82,11 +82,11 @@ def parse_policy(spec: str, layout: SequenceLayout,
     name, *parts = spec.strip().split(":")
     budget = parts.pop(0) if parts and "=" not in parts[0] else ""
     if name not in POLICIES:
-        raise UserError(f"Unknown policy '{spec}' in --policies; use NAME or NAME:BUDGET with "
+        raise UserError(f"Unknown policy {spec!r} in --policies; use NAME or NAME:BUDGET with "
                         f"NAME one of {', '.join(POLICIES)}, e.g. linear:1/4.")
     if name == "full":
         if budget or parts:
-            raise UserError(f"Policy '{spec}': full keeps the whole cache and takes no budget "
+            raise UserError(f"Policy {spec!r}: full keeps the whole cache and takes no budget "
                             "or knobs.")
         return Policy(PolicyConfig("full"), layout)
     try:
@@ -103,7 +103,7 @@ def parse_policy(spec: str, layout: SequenceLayout,
             return policy
         return budgets.apply(policy, model_config, head_budgets)
     except UserError as error:  # say which spec: the budget's own message names --budget
-        raise UserError(f"In --policies '{spec}': {error}") from None
+        raise UserError(f"In --policies {spec!r}: {error}") from None
 
 
 def _knob(text: str) -> tuple[str, object]:
@@ -111,21 +111,21 @@ def _knob(text: str) -> tuple[str, object]:
     key, _, value = text.partition("=")
     key = key.replace("-", "_")
     if key not in KNOBS or not value:
-        raise UserError(f"'{text}' is not a policy knob; give name=value with name one of "
+        raise UserError(f"{text!r} is not a policy knob; give name=value with name one of "
                         f"{', '.join(KNOBS)}.")
     default = KNOBS[key].default
     if key == "head_budgets":  # a file
         return key, value
     if isinstance(default, bool):
         if value.lower() not in ("true", "false", "1", "0"):
-            raise UserError(f"Knob {key} takes true or false, not '{value}'.")
+            raise UserError(f"Knob {key} takes true or false, not {value!r}.")
         return key, value.lower() in ("true", "1")
     if isinstance(default, str):
         return key, value
     try:
         return key, int(value)
     except ValueError:
-        raise UserError(f"Knob {key} takes a whole number, not '{value}'.") from None
+        raise UserError(f"Knob {key} takes a whole number, not {value!r}.") from None
 
 
 @dataclass(frozen=True)

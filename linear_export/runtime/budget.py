@@ -14,6 +14,9 @@ BUDGET_HELP = (
 )
 
 
+SHARE = r"\d+ */ *\d+|\d*\.\d+|\d+\.\d*"  # 1/6, 0.25, 1.
+
+
 def parse_budget(text: str, layout: SequenceLayout) -> int:
     """Budget in image tokens, at most the whole image."""
     spec = str(text).strip().lower()
@@ -23,13 +26,16 @@ def parse_budget(text: str, layout: SequenceLayout) -> int:
             tokens = int(lines.group(1)) * layout.width
         elif re.fullmatch(r"\d+", spec):
             tokens = int(spec)
-        else:
-            share = Fraction(spec)
+        elif re.fullmatch(SHARE, spec):  # no exponents: Fraction('1e-99999999') takes minutes
+            share = Fraction(spec.replace(" ", ""))
             if not 0 < share <= 1:
                 raise ValueError
             tokens = max(1, round(share * layout.height)) * layout.width
+        else:
+            raise ValueError
     except (ValueError, ZeroDivisionError):
-        raise UserError(f"--budget '{text}' is not understood; give {BUDGET_HELP}.") from None
+        raise UserError(f"--budget {text!r} is not understood; give {BUDGET_HELP}.") from None
     if tokens <= 0:
-        raise UserError(f"--budget '{text}' keeps no image tokens; give at least one line.")
+        raise UserError(f"--budget {text!r} keeps no image tokens; give 1 to "
+                        f"{layout.image_tokens} tokens, or a share such as 1/4.")
     return min(tokens, layout.image_tokens)

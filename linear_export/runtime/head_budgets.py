@@ -110,7 +110,7 @@ def load_head_budgets(path: str | Path) -> HeadBudgets:
     """Read a head budgets file; one clear error if it is missing or not one."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"Head budgets file '{path}' does not exist; make one with "
+        raise UserError(f"Head budgets file {str(path)!r} does not exist; make one with "
                         "linear-export calibrate.")
     try:
         with safe_open(str(path), framework="pt") as file:
@@ -127,7 +127,7 @@ def load_head_budgets(path: str | Path) -> HeadBudgets:
                 tables) or len(tensors) != len(tables) + len(priors) + len(weights):
             raise ValueError("tables, priors and knobs differ")
     except (SafetensorError, ValueError, KeyError, TypeError, IndexError):
-        raise UserError(f"'{path}' is not a head budgets file of this linear-export version; "
+        raise UserError(f"{str(path)!r} is not a head budgets file of this linear-export version; "
                         "make one with linear-export calibrate.") from None
     return HeadBudgets(tables, tuple(metadata["grid"]), metadata["n_layer"],
                        metadata["n_kv_head"], knobs, metadata.get("source", ""), priors, weights)

@@ -47,16 +47,34 @@ class PolicyConfig:
     prior_weight: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
 
+KNOB_FLAGS = {"recent_lines": "--recent-lines", "anchor": "--anchor",
+              "score_queries": "--score-queries", "sinks": "--sinks",
+              "recent_tokens": "--recent-tokens"}
+
+
 def auto_recent_lines(budget_lines: int) -> int:
     """LineAR's default: one recent line up to a 4-line budget, then half the budget's lines.
 
     From the demo sweep (README): with lookahead scoring, selected tokens beat whole lines
     at small budgets; at 6-8 lines, keeping the nearest half whole was better (8 lines:
-    ΔNLL +0.31% against +0.72% with one recent line).
+    ΔNLL +0.31% against +0.72% with one recent line). A budget under one line cannot hold
+    the recent line, which Policy refuses (unless --recent-lines 0 is asked for).
     """
-    if budget_lines < 1:
-        return 0
     return budget_lines // 2 if budget_lines > 4 else 1
+
+
+def _check_knob_ranges(config: PolicyConfig, lookahead: int, layout: SequenceLayout) -> None:
+    """Counts are never negative; lookahead and score_queries have upper bounds too."""
+    for name, flag in KNOB_FLAGS.items():
+        value = getattr(config, name)
+        if value is not None and value < 0:
+            raise UserError(f"{flag} {value} is negative; give 0 or more.")
+    if not 0 <= lookahead <= MAX_LOOKAHEAD:
+        raise UserError(f"--lookahead {lookahead} is out of range; give 0 to {MAX_LOOKAHEAD} "
+                        "lines.")
+    if config.score_queries > layout.width:
+        raise UserError(f"--score-queries {config.score_queries} is more than a line's "
+                        f"{layout.width} queries; give 0 (all of them) to {layout.width}.")
 
 
 class Policy:
@@ -65,46 +83,30 @@ class Policy:
     def __init__(self, config: PolicyConfig, layout: SequenceLayout):
         if config.name not in POLICIES:
             known = ", ".join(POLICIES)
-            raise UserError(f"Unknown policy '{config.name}'; choose one of: {known}.")
+            raise UserError(f"Unknown policy {config.name!r}; choose one of: {known}.")
         self.lookahead = config.lookahead
         if self.lookahead is None:
             self.lookahead = (DEFAULT_LOOKAHEAD if config.head_budgets is None
                               else HEAD_SHARED_LOOKAHEAD)
-        if not 0 <= self.lookahead <= MAX_LOOKAHEAD:
-            raise UserError(f"--lookahead {self.lookahead} is out of range; give 0 to "
-                            f"{MAX_LOOKAHEAD} lines.")
         if config.granularity not in ("head", "layer"):
-            raise UserError(f"Unknown granularity '{config.granularity}'; use head or layer.")
+            raise UserError(f"Unknown granularity {config.granularity!r}; use head or layer.")
         self.config, self.layout = config, layout
-        width = layout.width
+        _check_knob_ranges(config, self.lookahead, layout)
         budget = layout.image_tokens if config.budget is None else config.budget
         self.budget = min(budget, layout.image_tokens)
         if config.name == "full":
             self.budget = layout.image_tokens
         if self.budget < 1:
-            raise UserError("The budget keeps no image tokens; give at least one line.")
+            raise UserError(f"--budget {self.budget} keeps no image tokens; give 1 to "
+                            f"{layout.image_tokens} tokens (at least one line for linear).")
         self.recent_lines = (config.recent_lines if config.recent_lines is not None
-                             else auto_recent_lines(self.budget // width))
-        if config.name == "linear" and config.anchor + self.recent_lines * width > self.budget:
-            raise UserError(
-                f"Budget {self.budget} tokens is smaller than the {self.recent_lines} recent "
-                f"lines ({self.recent_lines * width} tokens) plus {config.anchor} anchor tokens "
-                "it must keep; raise --budget or lower --recent-lines/--anchor."
-            )
-        if config.name == "window":
-            if self.budget < width:
-                raise UserError(f"The window policy keeps whole lines, but the budget "
-                                f"{self.budget} is less than one line ({width} tokens).")
-            self.budget = self.budget // width * width
-        if config.name == "streaming" and config.sinks >= self.budget:
-            raise UserError(f"--sinks {config.sinks} leaves no room for recent tokens in a "
-                            f"budget of {self.budget}; lower --sinks or raise --budget.")
+                             else auto_recent_lines(self.budget // layout.width))
         self.recent_tokens = (
             config.recent_tokens if config.recent_tokens is not None else self.budget // 2
         )
-        if config.name == "h2o" and not 0 <= self.recent_tokens <= self.budget:
-            raise UserError(f"The H2O recent window ({self.recent_tokens}) must lie within the "
-                            f"budget ({self.budget}).")
+        self._check_budget_holds_what_is_always_kept()
+        if config.name == "window":
+            self.budget = self.budget // layout.width * layout.width
         if config.head_budgets is not None:
             self._check_head_budgets(config.head_budgets)
         if (config.position_prior is None) != (config.prior_weight is None):
@@ -112,6 +114,34 @@ class Policy:
                             "round; take both from one head budgets file.")
         if config.position_prior is not None:
             self._check_position_prior(config.position_prior, config.prior_weight)
+
+    def _check_budget_holds_what_is_always_kept(self) -> None:
+        """The budget (image tokens) must hold what the policy never evicts."""
+        config, width, whole = self.config, self.layout.width, self.layout.image_tokens
+        budget, name = self.budget, self.config.name
+        floor = config.anchor + self.recent_lines * width
+        if name == "linear" and floor > whole:
+            raise UserError(f"--recent-lines {self.recent_lines} ({self.recent_lines * width} "
+                            f"tokens) plus --anchor {config.anchor} keep more than the whole "
+                            f"image ({whole} tokens); give them at most {whole} tokens together.")
+        if name == "linear" and floor > budget:
+            lines = "line" if self.recent_lines == 1 else "lines"
+            raise UserError(
+                f"--budget {budget} tokens is smaller than the {self.recent_lines} recent "
+                f"{lines} ({self.recent_lines * width} tokens) plus {config.anchor} anchor "
+                f"tokens that --policy linear always keeps; give --budget {floor} to {whole} "
+                "tokens, or lower --recent-lines or --anchor.")
+        if name == "window" and budget < width:
+            raise UserError(f"--budget {budget} tokens is less than one line ({width} tokens), "
+                            f"and the window policy keeps whole lines; give --budget {width} to "
+                            f"{whole} tokens.")
+        if name == "streaming" and config.sinks >= budget:
+            raise UserError(f"--sinks {config.sinks} leaves no room for recent tokens in a "
+                            f"budget of {budget}; give --sinks 0 to {budget - 1} or raise "
+                            "--budget.")
+        if name == "h2o" and self.recent_tokens > budget:
+            raise UserError(f"--recent-tokens {self.recent_tokens} (the H2O recent window) must "
+                            f"lie within the budget; give 0 to {budget}.")
 
     def _check_head_budgets(self, table: torch.Tensor) -> None:
         config, layout = self.config, self.layout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,9 @@ class SamplingConfig:
     top_p: float = 1.0  # 1.0: off
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.cfg_scale) and math.isfinite(self.temperature)):
+            raise UserError(f"--cfg-scale {self.cfg_scale} and --temperature {self.temperature} "
+                            "must be finite numbers; give e.g. --cfg-scale 4.0 --temperature 1.0.")
         if self.cfg_scale < 0:
             raise UserError(f"--cfg-scale {self.cfg_scale} is negative; use 1.0 for no guidance "
                             "or a value such as 4.0.")
