@@ -38,26 +38,55 @@ def tiny_chameleon(codes: int = 16, seed: int = 0, vocab_size: int = 96):
 
 
 class OnnxStepEngine:
-    """Runs an exported step graph with plain onnxruntime, for step-by-step comparisons."""
+    """Runs a directory's exported graphs (export_family_graphs) with plain onnxruntime, for
+    step-by-step comparisons: the scored step, the decode step and the line-end score."""
 
     name = "onnx"
 
-    def __init__(self, path, like):
-        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    def __init__(self, directory, like):
+        self.sessions = {name: ort.InferenceSession(str(directory / name),
+                                                    providers=["CPUExecutionProvider"])
+                         for name in ("step.onnx", "step_decode.onnx", "score.onnx")}
         self.config, self.layout, self.family = like.config, like.layout, like.family
         self.dtype, self.device = like.dtype, torch.device("cpu")
 
-    def step(self, input_ids, position_ids, cache: KVCache, need_scores=True,
+    def step(self, input_ids, position_ids, cache: KVCache, need_scores=False,
              score_position_ids=None, **_):
         batch, steps = input_ids.shape
-        scored = scoring_positions(position_ids, score_position_ids).expand(batch, -1, -1)
         feeds = {"input_ids": input_ids.numpy().astype(np.int64),
                  "position_ids": position_ids.expand(batch, steps).numpy().astype(np.int64),
                  "past_key": cache.key.numpy(), "past_value": cache.value.numpy(),
-                 "cache_len": np.array(cache.cache_len, dtype=np.int64),
-                 "score_position_ids": scored.numpy().astype(np.int64)}
-        logits, key, value, mass = (torch.from_numpy(a) for a in self.session.run(None, feeds))
-        return StepOutput(logits, key, value, mass if need_scores else None)
+                 "cache_len": np.array(cache.cache_len, dtype=np.int64)}
+        if not need_scores:
+            outputs = self.sessions["step_decode.onnx"].run(None, feeds)
+            logits, key, value, query = (torch.from_numpy(a) for a in outputs)
+            return StepOutput(logits, key, value, None, query)
+        scored = scoring_positions(position_ids, score_position_ids).expand(batch, -1, -1)
+        feeds["score_position_ids"] = scored.numpy().astype(np.int64)
+        outputs = self.sessions["step.onnx"].run(None, feeds)
+        logits, key, value, mass = (torch.from_numpy(a) for a in outputs)
+        return StepOutput(logits, key, value, mass)
+
+    def score_line(self, line_query, score_shifts, cache: KVCache):
+        feeds = {"line_query": line_query.numpy(), "score_shifts": score_shifts.numpy(),
+                 "past_key": cache.key.numpy(),
+                 "cache_len": np.array(cache.cache_len, dtype=np.int64)}
+        return torch.from_numpy(self.sessions["score.onnx"].run(None, feeds)[0])
+
+
+def export_family_graphs(step, directory, capacity: int) -> None:
+    """The scored step, the decode step and the score graph of `step` into `directory`."""
+    from linear_export.export.onnx_step import (
+        export_decode_sharing,
+        export_score_sharing,
+        export_step,
+    )
+
+    main = directory / "step.onnx"
+    export_step(step, main, capacity=capacity, max_batch=8)
+    shared = {"capacity": capacity, "max_batch": 8, "opset": 18}
+    export_decode_sharing(step, directory, main, name="step_decode.onnx", **shared)
+    export_score_sharing(step, directory, main, name="score.onnx", **shared)
 
 
 def tiny_janus(codes: int = 16, seed: int = 0):

@@ -87,7 +87,7 @@ def test_artifacts_built_before_digests_still_load(copy: Path) -> None:
 def test_a_manifest_copied_from_another_build(copy: Path) -> None:
     other = built("GPT-tiny", capacity=19, split_cache=True)
     shutil.copy(other / "manifest.json", copy / "manifest.json")
-    assert "step.onnx" in one_sentence(copy)  # its hashes are the other build's
+    assert "is corrupt" in one_sentence(copy)  # its hashes are the other build's
     rehash(copy)  # even with the hashes made to match, the graph tells
     assert "io.step.onnx.inputs" in one_sentence(copy)
 

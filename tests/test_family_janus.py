@@ -7,12 +7,11 @@ import torch
 
 pytest.importorskip("transformers")
 
-from family_fixtures import OnnxStepEngine, tiny_janus  # noqa: E402
+from family_fixtures import OnnxStepEngine, export_family_graphs, tiny_janus  # noqa: E402
 
 from linear_export.engines.torch import TorchEngine  # noqa: E402
 from linear_export.errors import UserError  # noqa: E402
 from linear_export.export.compare import TOLERANCES, LockstepEngine  # noqa: E402
-from linear_export.export.onnx_step import export_step  # noqa: E402
 from linear_export.models.configs import SequenceLayout  # noqa: E402
 from linear_export.models.families.janus import JanusStep  # noqa: E402
 from linear_export.runtime.generate import generate  # noqa: E402
@@ -64,9 +63,12 @@ class PositionSpy:
         for name in ("name", "config", "layout", "dtype", "device", "family"):
             setattr(self, name, getattr(engine, name))
 
-    def step(self, input_ids, position_ids, cache, need_scores=True, **extra):
+    def step(self, input_ids, position_ids, cache, need_scores=False, **extra):
         self.positions.append(position_ids.expand_as(input_ids)[:, -1].tolist())
         return self.engine.step(input_ids, position_ids, cache, need_scores, **extra)
+
+    def score_line(self, line_query, score_shifts, cache):
+        return self.engine.score_line(line_query, score_shifts, cache)
 
 
 def test_positions_stay_absolute_after_eviction(pair):
@@ -93,9 +95,9 @@ def test_prompt_longer_than_prefix_capacity_is_a_user_error(pair):
 def test_exported_graph_matches_pytorch_step_by_step(pair, tmp_path):
     _, step = pair
     policy = Policy(PolicyConfig(name="linear", budget=2 * LAYOUT.width), LAYOUT)
-    path = tmp_path / "step.onnx"
-    export_step(step, path, capacity=policy.capacity, max_batch=8)
-    lockstep = LockstepEngine(TorchEngine(step), OnnxStepEngine(path, step), TOLERANCES["fp32"],
+    export_family_graphs(step, tmp_path, policy.capacity)
+    lockstep = LockstepEngine(TorchEngine(step), OnnxStepEngine(tmp_path, step),
+                              TOLERANCES["fp32"],
                               GREEDY_CFG.cfg_scale)
     lockstep.generate(PROMPTS, policy)
     assert lockstep.steps == LAYOUT.image_tokens  # one group: cond and uncond share a length

@@ -7,12 +7,11 @@ import torch
 
 pytest.importorskip("transformers")
 
-from family_fixtures import OnnxStepEngine, tiny_chameleon  # noqa: E402
+from family_fixtures import OnnxStepEngine, export_family_graphs, tiny_chameleon  # noqa: E402
 
 from linear_export.engines.torch import TorchEngine  # noqa: E402
 from linear_export.errors import UserError  # noqa: E402
 from linear_export.export.compare import TOLERANCES, LockstepEngine  # noqa: E402
-from linear_export.export.onnx_step import export_step  # noqa: E402
 from linear_export.models.configs import SequenceLayout  # noqa: E402
 from linear_export.models.families.lumina import (  # noqa: E402
     LuminaFamily,
@@ -118,9 +117,9 @@ def test_exported_graph_matches_pytorch_step_by_step(pair, tmp_path):
     _, step = pair
     lines = step.family.token_layout(LAYOUT)
     policy = Policy(PolicyConfig(name="linear", budget=2 * lines.width), lines)
-    path = tmp_path / "step.onnx"
-    export_step(step, path, capacity=policy.capacity, max_batch=8)
-    lockstep = LockstepEngine(TorchEngine(step), OnnxStepEngine(path, step), TOLERANCES["fp32"],
+    export_family_graphs(step, tmp_path, policy.capacity)
+    lockstep = LockstepEngine(TorchEngine(step), OnnxStepEngine(tmp_path, step),
+                              TOLERANCES["fp32"],
                               GREEDY_CFG.cfg_scale)
     lockstep.generate(PROMPTS, policy)
     # Three prefix groups (prompts of 8 and 6 tokens, the 3-token uncond context), each a step;
