@@ -144,7 +144,7 @@ class Artifact:
     @property
     def weight_format(self) -> str:
         """fp32 (the graph's dtype), or int8/int4 weight-only MatMulNBits."""
-        return self.manifest["build"]["weights"]
+        return self.manifest["build"].get("weights", "fp32")
 
     @property
     def decode_path(self) -> Path:

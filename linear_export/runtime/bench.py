@@ -411,7 +411,7 @@ def _reusable(path: Path, wanted: dict) -> bool:
             "cache_inputs": manifest["build"].get("cache_inputs", "stacked"),
             "head_shared": manifest["build"].get("head_shared", False),
             "attention": manifest["build"]["attention"],
-            "weight_format": manifest["build"]["weights"]}
+            "weight_format": manifest["build"].get("weights", "fp32")}
     return (all(have[key] == wanted[key] for key in have)
             and manifest["build"]["max_batch"] >= wanted["max_batch"]
             and (not wanted.get("tensorrt") or _plans_usable(manifest, path, wanted)))
