@@ -164,7 +164,8 @@ def run_sweep(subject: EvalSubject, settings: EvalSettings, progress: bool = Fal
             samples[f"{name} {budget}"] = to_uint8(images[picks])
         rows.append(EvalRow(
             policy=name, budget="all" if name == "full" else budget,
-            budget_tokens=policy.budget, capacity=getattr(policy, "needed", policy.capacity), nll=nll,
+            budget_tokens=policy.budget, nll=nll,
+            capacity=getattr(policy, "needed", policy.capacity),  # not an artifact's cache
             nll_delta=nll - full_nll, nll_delta_pct=100 * (nll - full_nll) / full_nll,
             nll_delta_se_pct=100 * paired_standard_error(per_image, full_per_image) / full_nll,
             agreement=token_agreement(tokens, full_tokens), accuracy=row_accuracy,
