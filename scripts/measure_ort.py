@@ -98,7 +98,7 @@ def latency(configs: dict[str, tuple], rows: int, repeats: int, warmup: int = 3)
     for round_index in range(warmup + repeats):
         for name, (engine, cache, ids, positions) in configs.items():
             started = time.perf_counter()
-            engine.step(ids, positions, cache, need_scores=True)
+            engine.step(ids, positions, cache)  # the decode step, what every step runs
             elapsed = time.perf_counter() - started
             if round_index >= warmup:
                 times[name].append(elapsed)

@@ -76,11 +76,8 @@ class OnnxStepEngine:
 
 def export_family_graphs(step, directory, capacity: int) -> None:
     """The scored step, the decode step and the score graph of `step` into `directory`."""
-    from linear_export.export.onnx_step import (
-        export_decode_sharing,
-        export_score_sharing,
-        export_step,
-    )
+    from linear_export.export.onnx_step import export_step
+    from linear_export.export.step_variants import export_decode_sharing, export_score_sharing
 
     main = directory / "step.onnx"
     export_step(step, main, capacity=capacity, max_batch=8)

@@ -17,10 +17,10 @@ from linear_export.export.artifact import (
     SCHEMA_VERSION,
     build_artifact,
     load_artifact,
-    reference_model,
     sha256_file,
 )
 from linear_export.export.onnx_step import TensorSpec
+from linear_export.export.reference import reference_model
 
 TINY = {"name": "GPT-tiny"}
 

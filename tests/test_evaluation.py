@@ -117,3 +117,29 @@ def test_eval_quick_on_the_bundled_demo(tmp_path) -> None:
         path.name for path in out.iterdir()}
     again = CliRunner().invoke(main, ["eval", "--quick", "--out", str(out)])
     assert again.exit_code == 2 and "--force" in again.output
+
+
+def test_eval_runs_the_demo_on_an_int8_ort_artifact(tmp_path) -> None:
+    """`eval --engine ort --weights int8`: the same sweep through a quantized artifact; every
+    policy runs in its full-capacity cache and reports the capacity it needs."""
+    import json
+
+    import pytest
+    from click.testing import CliRunner
+
+    from linear_export.cli import main
+    from linear_export.demo import DEMO_DIR
+
+    if not (DEMO_DIR / "gpt.safetensors").is_file():
+        pytest.skip("the demo weights are not in this checkout")
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(main, ["eval", "--quick", "--engine", "ort", "--weights", "int8",
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = {(row["policy"], row["budget"]): row
+            for row in json.loads((out / "eval.json").read_text())["rows"]}
+    assert rows[("linear", "1/1")]["agreement"] == 1.0
+    assert rows[("linear", "1/4")]["capacity"] == 1 + 64 + 16
+    refused = CliRunner().invoke(main, ["eval", "--quick", "--weights", "int8",
+                                        "--out", str(tmp_path / "other")])
+    assert refused.exit_code == 2 and "pass --engine ort" in refused.output

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from linear_export.engines.ort import OrtEngine, fit_policy
 from linear_export.engines.torch import TorchEngine
 from linear_export.errors import UserError
-from linear_export.export.artifact import build_artifact, load_artifact, reference_model
+from linear_export.export.artifact import build_artifact, load_artifact
 from linear_export.export.compare import compare_engines, format_report
+from linear_export.export.reference import reference_model
 from linear_export.models.configs import GPTConfig, SequenceLayout, get_config
 from linear_export.models.families import load_step_model
 from linear_export.models.families.t2i import T2IGPT, load_caption

@@ -196,8 +196,8 @@ def test_tensorrt_matches_torch_on_cuda(trt_artifact, policy) -> None:
     from linear_export.engines.ort import fit_policy
     from linear_export.engines.tensorrt import TrtEngine
     from linear_export.engines.torch import TorchEngine
-    from linear_export.export.artifact import reference_model
     from linear_export.export.compare import compare_engines, format_report
+    from linear_export.export.reference import reference_model
     from linear_export.runtime.policies import Policy, PolicyConfig
 
     artifact = load_artifact(trt_artifact)

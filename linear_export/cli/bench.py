@@ -27,8 +27,8 @@ from ..runtime.bench import (
     measure,
     parse_policy,
     parse_size,
-    prepare_artifacts,
 )
+from ..runtime.bench_artifacts import prepare_artifacts
 from ..runtime.original import import_original
 
 MiB = 2**20

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -12,6 +14,7 @@ from ..engines import make_engine
 from ..errors import UserError
 from ..evaluation.report import kept_cells_plot, markdown_table, metrics_plot, sample_grids
 from ..evaluation.sweep import EvalSettings, EvalSubject, run_sweep
+from ..export.quantize import WEIGHT_FORMATS
 from ..models.families import FAMILIES
 from ..outputs import check_writable, json_bytes, write_directory
 from ..runtime.head_budgets import load_head_budgets
@@ -25,8 +28,29 @@ QUICK = {"samples_per_class": 1, "heldout": 5, "real": 20, "budgets": ("1/1", "1
          "policies": ("full", "linear")}
 
 
-def demo_subject(heldout: int, real: int, seed: int) -> EvalSubject:
-    """The bundled demo: GPT, VQ tokenizer, classifier judge, held-out procedural images."""
+def demo_engine(gpt, engine: str, weight_format: str, workdir: Path, rows: int):
+    """The demo GPT on `engine`: ort runs an artifact built (full capacity, so every policy
+    fits in it) into `workdir` with `weight_format` weights."""
+    if engine == "torch":
+        if weight_format != "fp32":
+            raise UserError(f"--weights {weight_format} is a weight format of ONNX Runtime "
+                            "artifacts; pass --engine ort with it.")
+        return make_engine("torch", gpt)
+    from ..export.artifact import build_artifact
+
+    click.echo(f"building the demo GPT's ort artifact ({weight_format} weights)", err=True)
+    artifact = build_artifact(
+        gpt, workdir / "demo-artifact", model_name="GPT-demo",
+        image_size=gpt.layout.height * gpt.config.downsample, weights={"source": "demo"},
+        capacity=gpt.family.token_layout(gpt.layout).length, build_options={"eval": True},
+        max_batch=max(64, rows), split_cache=True, weight_format=weight_format)
+    return make_engine("ort", artifact=artifact.path)
+
+
+def demo_subject(heldout: int, real: int, seed: int, engine=None) -> EvalSubject:
+    """The bundled demo: GPT, VQ tokenizer, classifier judge, held-out procedural images.
+
+    `engine(gpt)`: what runs the GPT (default: the torch engine)."""
     from ..demo import load_demo_classifier, load_demo_gpt, load_demo_vq
     from ..demo.blocks import encode_blocks
     from ..demo.dataset import dataset_split
@@ -41,8 +65,8 @@ def demo_subject(heldout: int, real: int, seed: int) -> EvalSubject:
         with torch.inference_mode():
             return classifier.logits(images), classifier.features(images)
 
-    return EvalSubject(make_engine("torch", gpt), vq.decode_codes, judge, real_images,
-                       heldout_tokens, nll_labels)
+    return EvalSubject(engine(gpt) if engine else make_engine("torch", gpt), vq.decode_codes,
+                       judge, real_images, heldout_tokens, nll_labels)
 
 
 def family_subject(family: str, checkpoint: str | None, model_name: str, image_size: int,
@@ -105,6 +129,14 @@ def split_list(text: str) -> tuple[str, ...]:
 @click.option("--head-budgets", type=click.Path(dir_okay=False), default=None,
               help="linear: per-head budgets from linear-export calibrate, with a table for "
                    "every evicting budget swept (a head-shared cache pool).")
+@click.option("--engine", type=click.Choice(["torch", "ort"]), default="torch",
+              show_default=True,
+              help="Demo model: what runs the GPT; ort builds a full-capacity artifact of it "
+                   "first (every policy runs in it, dead slots masked).")
+@click.option("--weights", "weight_format", type=click.Choice(WEIGHT_FORMATS), default="fp32",
+              show_default=True,
+              help="--engine ort: the artifact's weights (build --weights), so quality is "
+                   "measured per precision against the fp32 model's full cache.")
 @click.option("--quick", is_flag=True,
               help="A small, fast run for CI: full and linear at budgets 1/1 and 1/4, one sample "
                    "per class.")
@@ -130,7 +162,7 @@ def split_list(text: str) -> tuple[str, ...]:
 def eval_command(policies, budgets, samples_per_class, heldout, real, batch_size, cfg_scale,
                  top_k, temperature, seed, quick, out, force, family, checkpoint, model_name,
                  image_size, max_prompt_tokens, prompts, caption_features, head_budgets,
-                 **knobs) -> None:
+                 engine, weight_format, **knobs) -> None:
     """Evaluate LineAR against full cache, StreamingLLM, H2O and local windows on the demo model.
 
     Writes eval.json, eval.md, metrics.png, one samples_<policy>.png per policy, and
@@ -169,12 +201,19 @@ def eval_command(policies, budgets, samples_per_class, heldout, real, batch_size
         sampling=SamplingConfig(cfg_scale=cfg_scale, top_k=top_k, temperature=temperature),
         knobs=knobs, head_budgets=head_budgets,
     )
-    if family == "demo":
-        subject = demo_subject(heldout, real, seed)
-    else:
-        subject = family_subject(family, checkpoint, model_name, image_size, max_prompt_tokens,
-                                 prompts, caption_features, samples_per_class, seed)
-    result = run_sweep(subject, settings, progress=sys.stderr.isatty())
+    if engine != "torch" and family != "demo":
+        raise UserError(f"--engine {engine} runs the demo model's eval; --family {family} "
+                        "runs on the torch engine.")
+    with tempfile.TemporaryDirectory(prefix="le-eval.") as work:
+        if family == "demo":
+            subject = demo_subject(heldout, real, seed, functools.partial(
+                demo_engine, engine=engine, weight_format=weight_format, workdir=Path(work),
+                rows=2 * batch_size))
+        else:
+            subject = family_subject(family, checkpoint, model_name, image_size,
+                                     max_prompt_tokens, prompts, caption_features,
+                                     samples_per_class, seed)
+        result = run_sweep(subject, settings, progress=sys.stderr.isatty())
     files = {
         "eval.json": json_bytes({"settings": {**settings.__dict__,
                                               "sampling": settings.sampling.__dict__},

@@ -14,8 +14,9 @@ from ..engines.base import Engine
 from ..engines.ort import OrtEngine, fit_policy
 from ..engines.torch import TorchEngine
 from ..errors import UserError
-from ..export.artifact import Artifact, load_artifact, reference_model
+from ..export.artifact import Artifact, load_artifact
 from ..export.compare import compare_engines, format_report
+from ..export.reference import reference_model
 from ..runtime.policies import POLICIES
 from .options import build_policy
 

@@ -135,6 +135,10 @@ def run_sweep(subject: EvalSubject, settings: EvalSettings, progress: bool = Fal
         policy = Policy(PolicyConfig(name, budget=tokens_budget, **knobs), layout)
         if head_budgets is not None and name == "linear":
             policy = head_budgets.apply(policy, engine.config, settings.head_budgets)
+        if getattr(engine, "capacity", None) is not None:  # an artifact's static cache
+            from ..engines.ort import fit_policy
+
+            policy = fit_policy(policy, engine.capacity)
         started = time.perf_counter()
         tokens = generate_all(engine, conditions, policy, settings)
         if heldout[0] is None:  # no real data: the full cache's own samples are the reference
@@ -160,7 +164,8 @@ def run_sweep(subject: EvalSubject, settings: EvalSettings, progress: bool = Fal
             samples[f"{name} {budget}"] = to_uint8(images[picks])
         rows.append(EvalRow(
             policy=name, budget="all" if name == "full" else budget,
-            budget_tokens=policy.budget, capacity=policy.capacity, nll=nll,
+            budget_tokens=policy.budget, nll=nll,
+            capacity=getattr(policy, "needed", policy.capacity),  # not an artifact's cache
             nll_delta=nll - full_nll, nll_delta_pct=100 * (nll - full_nll) / full_nll,
             nll_delta_se_pct=100 * paired_standard_error(per_image, full_per_image) / full_nll,
             agreement=token_agreement(tokens, full_tokens), accuracy=row_accuracy,

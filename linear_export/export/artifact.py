@@ -20,21 +20,22 @@ import torch
 
 from ..errors import UserError
 from ..models import DTYPES, GPTConfig, SequenceLayout
-from ..models.checkpoint import load_into, read_state_dict
-from ..models.families import Family, family_from_json, load_hf_step
+from ..models.families import Family, family_from_json
 from ..models.families.llamagen import LlamaGenC2I
-from ..models.gpt import GPT, init_weights
+from ..models.gpt import GPT
 from ..outputs import FULL_DISK, clear_write_errors, write_failure
 from .consistency import check_manifest, manifest_text
 from .onnx_step import (
     DEFAULT_OPSET,
     decode_kernel,
-    export_decode_sharing,
-    export_embeds_prefill_sharing,
-    export_score_sharing,
     export_step,
 )
 from .quantize import WEIGHT_FORMATS
+from .step_variants import (
+    export_decode_sharing,
+    export_embeds_prefill_sharing,
+    export_score_sharing,
+)
 
 # 2: the scored step takes score_position_ids; 3: shaped [B, R, T]; 4: a head-shared pool's
 # step takes slot_owner (build["head_shared"]); 5: the decode step (present_query, fused
@@ -380,50 +381,6 @@ def load_artifact(path: str | Path, *, check_hashes: bool = True) -> Artifact:
             raise UserError(f"{name} is corrupt (sha256 mismatch); {REBUILD}.")
     check_manifest(path, manifest)  # the manifest itself: against the graphs and its digest
     return Artifact(path, manifest)
-
-
-def reference_model(artifact: Artifact, checkpoint: str | Path | None = None) -> GPT:
-    """The PyTorch model the artifact was exported from, rebuilt from its recorded weights."""
-    weights = artifact.manifest.get("weights", {})
-    if weights.get("source") == "hf":
-        return _hf_reference(artifact, weights, checkpoint)
-    family = artifact.family
-    if family.name == "llamagen-t2i":
-        from ..models.families.t2i import T2IGPT
-
-        model = T2IGPT(artifact.config, artifact.layout, caption_dim=family.caption_dim)
-    else:
-        model = GPT(artifact.config, artifact.layout)
-    if weights.get("source") == "random":
-        init_weights(model, seed=int(weights["seed"]), std=float(weights["std"]))
-    elif weights.get("source") == "checkpoint" or checkpoint is not None:
-        path = Path(checkpoint or weights["path"])
-        if not path.is_file():
-            raise UserError(f"The checkpoint this artifact was built from, '{path}', is missing; "
-                            "pass it with --checkpoint PATH.")
-        if weights.get("sha256") and sha256_file(path) != weights["sha256"]:
-            raise UserError(f"Checkpoint '{path}' differs from the one this artifact was built "
-                            "from (sha256 mismatch); pass the original or rebuild the artifact.")
-        load_into(model, read_state_dict(path), artifact.manifest["model"]["name"])
-    else:
-        raise UserError(f"{MANIFEST} in '{artifact.path}' does not say which weights it was "
-                        f"built from; {REBUILD}.")
-    return model.to(dtype=artifact.dtype).eval().requires_grad_(False)
-
-
-def _hf_reference(artifact: Artifact, weights: dict, directory: str | Path | None):
-    """A Janus/Lumina step model rebuilt from the recorded Hugging Face directory."""
-    from ..models.families import hf_weights_record
-
-    path = Path(directory or weights["path"])
-    if not path.is_dir():
-        raise UserError(f"The model directory this artifact was built from, '{path}', is "
-                        "missing; pass it with --checkpoint DIR.")
-    if hf_weights_record(weights["family"], path)["sha256"] != weights["sha256"]:
-        raise UserError(f"Model directory '{path}' differs from the one this artifact was built "
-                        "from (sha256 mismatch); pass the original or rebuild the artifact.")
-    return load_hf_step(weights["family"], path, int(artifact.manifest["image_size"]),
-                        artifact.layout.prefix, artifact.dtype_name)
 
 
 def rehash(artifact_dir: Path) -> None:

@@ -9,6 +9,7 @@ graph is written with a fresh data file, the others point into it (matched by co
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -29,6 +30,8 @@ def quantize_graphs(directory: Path, main: str, graphs: list[str], others: list[
     at the new data file."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    # It logs a line per node it skips (thousands): say what is done here instead.
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     bits = {"int8": 8, "int4": 4}[weights]
     directory = Path(directory)
     protos = {name: onnx.load(str(directory / name)) for name in [main, *graphs, *others]}
