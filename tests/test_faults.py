@@ -117,6 +117,44 @@ def test_generate_out_interrupted_while_writing_leaves_no_half_written_outputs(t
     assert leftovers(tmp_path) == []
 
 
+# -- eval and calibrate killed part-way ---------------------------------------------------------
+
+@pytest.mark.parametrize("kill", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_a_killed_eval_leaves_nothing_at_its_destination_and_a_rerun_succeeds(tmp_path, kill):
+    """Killed mid-sweep (before it writes anything): no output directory; the rerun works."""
+    out = tmp_path / "eval"
+    # A sweep of a few minutes, killed 3 s in (the demo model loaded, the sweep under way).
+    process = cli("eval", "--policies", "full,linear", "--budgets", "1/2,1/4",
+                  "--samples-per-class", "5", "--heldout", "50", "--real", "40",
+                  "--out", str(out))
+    time.sleep(3)
+    assert process.poll() is None, process.communicate()
+    process.send_signal(kill)
+    process.communicate(timeout=60)
+    assert process.returncode in (-kill, 128 + kill)
+    assert not out.exists() and leftovers(tmp_path) == []
+    assert run("eval", "--quick", "--out", out).exit_code == 0
+    assert (out / "eval.json").is_file()
+
+
+def test_calibrate_interrupted_while_writing_leaves_no_half_written_file(tmp_path,
+                                                                         monkeypatch):
+    out = tmp_path / "hb.safetensors"
+    args = ["calibrate", "--model", "GPT-tiny-gqa", "--image-size", "16", "--random-weights",
+            "--budgets", "2lines", "--images", "3", "--batch-size", "2", "--cfg-scale", "1",
+            "--out", out]
+    real = os.replace
+
+    def interrupted(source, target):  # the rename into place never happens
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    assert run(*args).exit_code == 1  # click: KeyboardInterrupt -> "Aborted!", exit 1
+    assert not out.exists() and leftovers(tmp_path) == []  # the temporary file is gone too
+    monkeypatch.setattr(os, "replace", real)
+    assert run(*args).exit_code == 0 and out.is_file()
+
+
 # -- a full disk ---------------------------------------------------------------------------------
 
 def full_disk(*args, **kwargs):

@@ -54,3 +54,14 @@ def test_sampling_is_seeded_and_respects_filters() -> None:
 def test_bad_sampling_settings(kwargs) -> None:
     with pytest.raises(UserError):
         SamplingConfig(**kwargs)
+
+
+def test_top_k_draws_follow_the_renormalised_top_k_distribution() -> None:
+    """Drawing among the k largest (the fast path) has the masked distribution's law."""
+    logits = torch.tensor([[2.0, -1.0, 0.5, 1.5, -3.0, 0.0]]).repeat(20000, 1)
+    draws = sample(logits, SamplingConfig(top_k=3), torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=6).float() / len(draws)
+    top = torch.tensor([2.0, 0.5, 1.5])
+    expected = torch.zeros(6)
+    expected[[0, 2, 3]] = torch.softmax(top, dim=0)  # brute force: renormalised over the top 3
+    torch.testing.assert_close(counts, expected, atol=0.015, rtol=0)
