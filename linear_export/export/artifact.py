@@ -222,41 +222,10 @@ def build_artifact(
         os.chmod(staging, directory_mode())  # mkdtemp's 0700 would hide the artifact from others
         started = time.perf_counter()
         log(f"exporting {STEP} (capacity {capacity}, {dtype_name}, opset {opset})")
-        inputs, outputs = export_step(model, staging / STEP, capacity=capacity, max_batch=max_batch,
-                                      opset=opset, split_cache=split_cache,
-                                      head_shared=head_shared)
-        io = {STEP: {"inputs": [s.to_json() for s in inputs],
-                     "outputs": [s.to_json() for s in outputs]}}
         kernel = decode_kernel(attention, split_cache, head_shared)
-        shared = {"capacity": capacity, "max_batch": max_batch, "opset": opset,
-                  "split_cache": split_cache, "head_shared": head_shared}
-        log(f"exporting {STEP_DECODE} ({kernel} attention, sharing {STEP_DATA})")
-        specs = export_decode_sharing(model, staging, staging / STEP, name=STEP_DECODE,
-                                      attention=kernel, **shared)
-        io[STEP_DECODE] = {"inputs": [s.to_json() for s in specs[0]],
-                           "outputs": [s.to_json() for s in specs[1]]}
-        log(f"exporting {SCORE}")
-        specs = export_score_sharing(model, staging, staging / STEP, name=SCORE, **shared)
-        io[SCORE] = {"inputs": [s.to_json() for s in specs[0]],
-                     "outputs": [s.to_json() for s in specs[1]]}
-        caption_dim = getattr(model, "caption_dim", None)
-        if caption_dim is not None:  # a feature prefix: its own prefill graph, and CFG's uncond
-            from safetensors.torch import save_file
-
-            log(f"exporting {PREFILL_EMBEDS} (sharing {STEP_DATA})")
-            inputs, outputs = export_embeds_prefill_sharing(
-                model, staging, staging / STEP, embed_dim=caption_dim, capacity=capacity,
-                max_batch=max_batch, opset=opset, name=PREFILL_EMBEDS, split_cache=split_cache)
-            io[PREFILL_EMBEDS] = {"inputs": [s.to_json() for s in inputs],
-                                  "outputs": [s.to_json() for s in outputs]}
-            uncond = model.cls_embedding.uncond_embedding.detach().float().contiguous().cpu()
-            save_file({"uncond_embedding": uncond}, str(staging / UNCOND))
-        if weight_format != "fp32":
-            from .quantize import quantize_graphs
-
-            quantize_graphs(staging, STEP, [STEP_DECODE] + ([PREFILL_EMBEDS]
-                                                           if caption_dim is not None else []),
-                            [SCORE], weight_format, log)
+        io = _export_step_graphs(model, staging, kernel=kernel, weight_format=weight_format,
+                                 log=log, capacity=capacity, max_batch=max_batch, opset=opset,
+                                 split_cache=split_cache, head_shared=head_shared)
         if vq_decoder is not None:
             from .vq_onnx import export_vq_decoder
 
@@ -287,6 +256,43 @@ def build_artifact(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return Artifact(out, manifest)
+
+
+def _export_step_graphs(model: GPT, staging: Path, *, kernel: str, weight_format: str,
+                        log: Callable[[str], None], **shared) -> dict:
+    """step.onnx, the decode step and the score graph (and a feature prefix's prefill) into
+    `staging`, all sharing step.onnx's weight file, quantized if asked; their IO by file."""
+    def record(specs: tuple[list, list]) -> dict:
+        return {"inputs": [s.to_json() for s in specs[0]],
+                "outputs": [s.to_json() for s in specs[1]]}
+
+    step_options = {key: shared[key] for key in ("capacity", "max_batch", "opset",
+                                                 "split_cache", "head_shared")}
+    io = {STEP: record(export_step(model, staging / STEP, **step_options))}
+    log(f"exporting {STEP_DECODE} ({kernel} attention, sharing {STEP_DATA})")
+    io[STEP_DECODE] = record(export_decode_sharing(model, staging, staging / STEP,
+                                                   name=STEP_DECODE, attention=kernel,
+                                                   **shared))
+    log(f"exporting {SCORE}")
+    io[SCORE] = record(export_score_sharing(model, staging, staging / STEP, name=SCORE,
+                                            **shared))
+    caption_dim = getattr(model, "caption_dim", None)
+    if caption_dim is not None:  # a feature prefix: its own prefill graph, and CFG's uncond
+        from safetensors.torch import save_file
+
+        log(f"exporting {PREFILL_EMBEDS} (sharing {STEP_DATA})")
+        io[PREFILL_EMBEDS] = record(export_embeds_prefill_sharing(
+            model, staging, staging / STEP, embed_dim=caption_dim, name=PREFILL_EMBEDS,
+            capacity=shared["capacity"], max_batch=shared["max_batch"], opset=shared["opset"],
+            split_cache=shared["split_cache"]))
+        uncond = model.cls_embedding.uncond_embedding.detach().float().contiguous().cpu()
+        save_file({"uncond_embedding": uncond}, str(staging / UNCOND))
+    if weight_format != "fp32":
+        from .quantize import quantize_graphs
+
+        weighted = [STEP_DECODE] + ([PREFILL_EMBEDS] if caption_dim is not None else [])
+        quantize_graphs(staging, STEP, weighted, [SCORE], weight_format, log)
+    return io
 
 
 def directory_mode() -> int:
