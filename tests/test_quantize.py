@@ -56,3 +56,21 @@ def test_an_unknown_weight_format_is_one_sentence(tmp_path) -> None:
         build_artifact(model_for(), tmp_path / "x", model_name="GPT-tiny", image_size=24,
                        weights={}, capacity=37, build_options={}, weight_format="int3")
     assert not (tmp_path / "x").exists()
+
+
+def test_verify_checks_an_int8_artifact_at_its_recorded_tolerances(tmp_path) -> None:
+    """build --weights int8, then verify: against the fp32 model at int8's tolerances, and
+    greedy tokens that differ from fp32's are reported, not failed."""
+    from click.testing import CliRunner
+
+    from linear_export.cli import main
+
+    out = tmp_path / "int8"
+    built = CliRunner().invoke(main, ["build", "--model", "GPT-tiny", "--image-size", "24",
+                                      "--random-weights", "--weights", "int8", "--max-batch",
+                                      "8", "--out", str(out)])
+    assert built.exit_code == 0, built.output
+    assert load_artifact(out).weight_format == "int8"
+    result = CliRunner().invoke(main, ["verify", str(out), "--batch", "2"])
+    assert result.exit_code == 0, result.output
+    assert "int8 tolerances" in result.output and "result" in result.output

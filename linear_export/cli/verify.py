@@ -66,12 +66,15 @@ def verify(artifact_dir, batch, policies, budget, cfg_scale, seed, checkpoint, d
             continue
         chosen.append(fit_policy(policy, artifact.capacity))
     conditions = family.example_conditions(batch, seed)  # class ids, or token prompts
+    # Quantized weights are checked against the fp32 model at their own recorded tolerances.
+    precision = (artifact.dtype_name if artifact.weight_format == "fp32"
+                 else artifact.weight_format)
 
     click.echo(f"Verifying {artifact.path} ({family.name} {artifact.manifest['model']['name']}, "
-               f"{layout.height} lines of {layout.width} tokens, {artifact.dtype_name}, capacity "
+               f"{layout.height} lines of {layout.width} tokens, {precision}, capacity "
                f"{artifact.capacity}) against PyTorch: batch {batch}, cfg {cfg_scale}, greedy.")
     click.echo(f"An element passes when |candidate - reference| <= atol or <= rtol * "
-               f"|reference| (Polygraphy elementwise check); {artifact.dtype_name} tolerances "
+               f"|reference| (Polygraphy elementwise check); {precision} tolerances "
                "below.")
     for note in skipped:
         click.echo(f"note: {note}")
@@ -86,7 +89,7 @@ def verify(artifact_dir, batch, policies, budget, cfg_scale, seed, checkpoint, d
         for policy in chosen:
             started = time.perf_counter()
             report = compare_engines(base, engine, policy, conditions, cfg_scale=cfg_scale,
-                                     dtype_name=artifact.dtype_name, seed=seed)
+                                     dtype_name=precision, seed=seed)
             click.echo(format_report(report))
             click.echo(f"  ({time.perf_counter() - started:.1f} s)")
             passed &= report.passed
