@@ -209,9 +209,7 @@ class GPT(nn.Module):
             keys.append(k)
             values.append(v)
             masses.append(mass)
-        # [:, -1:]: a 3-D input keeps the head a MatMul in ONNX (a 2-D Linear exports as
-        # Gemm, which weight-only quantization cannot take).
-        logits = self.output(self.norm(h[:, -1:]))[:, 0].float()
+        logits = self.head(h)
         return logits, torch.stack(keys), torch.stack(values), torch.stack(masses)
 
     def decode(
@@ -244,10 +242,14 @@ class GPT(nn.Module):
             values.append(v)
             queries.append(q)
             in_place += [] if updated is None else [updated]
+        logits = self.head(h)
+        return logits, torch.stack(keys), torch.stack(values), torch.stack(queries), in_place
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] float32 at the last position of h [B, T, dim]."""
         # [:, -1:]: a 3-D input keeps the head a MatMul in ONNX (a 2-D Linear exports as
         # Gemm, which weight-only quantization cannot take).
-        logits = self.output(self.norm(h[:, -1:]))[:, 0].float()
-        return logits, torch.stack(keys), torch.stack(values), torch.stack(queries), in_place
+        return self.output(self.norm(h[:, -1:]))[:, 0].float()
 
     def rotate_queries(self, queries: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
         """Post-RoPE queries [..., Q, D] moved `shifts` [R] positions on: [..., R, Q, D].
