@@ -205,3 +205,16 @@ def test_head_budgets_are_checked_against_the_policy() -> None:
         policy("linear", model.layout, 8, recent_lines=1, head_budgets=table[1:])
     with pytest.raises(UserError, match="granularity head"):
         policy("h2o", model.layout, 8, head_budgets=table)
+
+
+def test_per_condition_seeds_make_an_image_independent_of_its_batch() -> None:
+    model = tiny_model()
+    sampling = SamplingConfig(cfg_scale=3.0, temperature=1.0, top_k=0)
+    chosen = policy("full", model.layout)
+    together = generate(TorchEngine(model), [1, 4, 7], chosen, sampling, seed=[11, 12, 13])
+    alone = generate(TorchEngine(model), [4], chosen, sampling, seed=[12])
+    assert torch.equal(together.tokens[1], alone.tokens[0])
+    other = generate(TorchEngine(model), [4], chosen, sampling, seed=[99])
+    assert not torch.equal(other.tokens[0], alone.tokens[0])
+    with pytest.raises(ValueError, match="one per condition"):
+        generate(TorchEngine(model), [1, 4], chosen, sampling, seed=[1])

@@ -65,3 +65,13 @@ def test_top_k_draws_follow_the_renormalised_top_k_distribution() -> None:
     expected = torch.zeros(6)
     expected[[0, 2, 3]] = torch.softmax(top, dim=0)  # brute force: renormalised over the top 3
     torch.testing.assert_close(counts, expected, atol=0.015, rtol=0)
+
+
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_one_generator_per_row_makes_each_draw_independent_of_the_batch(top_k: int) -> None:
+    logits = torch.randn(4, 50)
+    config = SamplingConfig(top_k=top_k, temperature=1.0)
+    batched = sample(logits, config, [torch.Generator().manual_seed(10 + i) for i in range(4)])
+    alone = [sample(logits[i:i + 1], config, [torch.Generator().manual_seed(10 + i)])
+             for i in (2, 0, 3, 1)]
+    assert batched.tolist() == [alone[1][0], alone[3][0], alone[0][0], alone[2][0]]

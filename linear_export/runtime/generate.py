@@ -147,7 +147,7 @@ def generate(
     policy: Policy,
     sampling: SamplingConfig,
     *,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     progress: bool = False,
     teacher_tokens: torch.Tensor | None = None,
     on_line_end: Callable[[int, KVCache], None] | None = None,
@@ -163,6 +163,8 @@ def generate(
     tokens are still what sampling chose) and reports their mean negative log-likelihood
     under the (guided) logits. `on_line_end(line, cache)` sees each cache after each
     line-end eviction; `on_step(index, logits)` sees each step's unguided logits [rows, K].
+    `seed` one per condition gives each image its own sampling generator: an image's draws
+    then do not depend on which other images share its batch.
     """
     config, layout = engine.config, engine.layout
     family = family or getattr(engine, "family", None) or LlamaGenC2I.for_model(config, layout)
@@ -177,7 +179,12 @@ def generate(
     rows = sum(len(group.rows) for group in groups)
     full_bytes = CacheShape(config.n_layer, rows, config.kv_heads, lines.length,
                             config.head_dim).nbytes(engine.dtype)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    if isinstance(seed, int):
+        generator = torch.Generator(device=device).manual_seed(seed)
+    elif len(seed) != batch:
+        raise ValueError(f"{len(seed)} seeds for {batch} conditions; give one per condition")
+    else:
+        generator = [torch.Generator(device=device).manual_seed(int(s)) for s in seed]
     tokens = torch.zeros(batch, layout.image_tokens, dtype=torch.long, device=device)
     group_size = config.n_head // config.kv_heads
     evictions = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -59,9 +60,19 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
-def sample(
-    logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None
-) -> torch.Tensor:
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def draw(probs: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """One index per row of probs [B, n]; with one generator per row, a row's draw depends on
+    its own generator only, not on the other rows of the batch."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generator)
+    return torch.cat([torch.multinomial(row[None], 1, generator=own)
+                      for row, own in zip(probs, generator, strict=True)])
+
+
+def sample(logits: torch.Tensor, config: SamplingConfig, generator: Generators) -> torch.Tensor:
     """One token per row of logits [B, V] (already guided)."""
     if config.temperature == 0:
         return logits.argmax(dim=-1)
@@ -70,8 +81,8 @@ def sample(
         # Drawing among the k largest is drawing from the masked distribution (up to ties at
         # the k-th value), at a fifth of the cost per step (GPT-B: 0.9 ms against 4.1 ms).
         values, indices = torch.topk(logits, config.top_k, dim=-1)
-        pick = torch.multinomial(torch.softmax(values, dim=-1), 1, generator=generator)
+        pick = draw(torch.softmax(values, dim=-1), generator)
         return indices.gather(-1, pick).squeeze(-1)
     logits = filter_top_k_top_p(logits, config.top_k, config.top_p)
     probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw(probs, generator).squeeze(-1)
