@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from linear_export.cli.bench import aligned, result_rows
+from linear_export.api.bench import aligned, result_rows
 from linear_export.runtime.bench import Measurement, Result
 
 

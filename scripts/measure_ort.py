@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from linear_export.cli.options import build_policy
+from linear_export.api import policy_from_options as build_policy
 from linear_export.engines.ort import OrtEngine
 from linear_export.engines.torch import TorchEngine
 from linear_export.export.artifact import rehash

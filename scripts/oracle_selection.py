@@ -25,7 +25,7 @@ from __future__ import annotations
 import click
 import torch
 
-from linear_export.cli.eval import demo_subject
+from linear_export.api.evaluate import demo_subject
 from linear_export.evaluation.oracle import (
     calibrate_head_budgets,
     future_attention,

@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from linear_export.api import policy_from_options as build_policy
 from linear_export.cli import main
-from linear_export.cli.options import build_policy
 from linear_export.errors import UserError
 from linear_export.models.configs import SequenceLayout
 from linear_export.runtime.bench import KNOBS, parse_policy

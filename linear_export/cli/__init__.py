@@ -53,7 +53,7 @@ def _register() -> None:
     from .eval import eval_command
 
     main.add_command(eval_command)
-    from .bench import bench
+    from .bench import bench_command as bench
 
     main.add_command(bench)
     from .demo import demo

@@ -2,100 +2,27 @@
 
 from __future__ import annotations
 
-import functools
 import sys
-import tempfile
 from pathlib import Path
 
 import click
-import torch
 
-from ..engines import make_engine
+from .. import api
+from ..api.evaluate import FAMILY_CFG_SCALE, EvalModel, eval_files, evaluate
 from ..errors import UserError
-from ..evaluation.report import kept_cells_plot, markdown_table, metrics_plot, sample_grids
-from ..evaluation.sweep import EvalSettings, EvalSubject, run_sweep
+from ..evaluation.report import markdown_table
+from ..evaluation.sweep import EvalSettings
 from ..export.quantize import WEIGHT_FORMATS
 from ..models.families import FAMILIES
-from ..outputs import check_writable, json_bytes, write_directory
+from ..outputs import check_writable, write_directory
 from ..runtime.head_budgets import load_head_budgets
 from ..runtime.policies import POLICIES, PolicyConfig
 from ..runtime.sampling import SamplingConfig
-from .generate import DEMO_CFG_SCALE
-from .options import RECENT_LINES_HELP
+from .options import RECENT_LINES_HELP, split_list
 
-FAMILY_CFG_SCALE = 3.0
+DEMO_CFG_SCALE = api.DEMO_CFG_SCALE
 QUICK = {"samples_per_class": 1, "heldout": 5, "real": 20, "budgets": ("1/1", "1/4"),
          "policies": ("full", "linear")}
-
-
-def demo_engine(gpt, engine: str, weight_format: str, workdir: Path, rows: int):
-    """The demo GPT on `engine`: ort runs an artifact built (full capacity, so every policy
-    fits in it) into `workdir` with `weight_format` weights."""
-    if engine == "torch":
-        if weight_format != "fp32":
-            raise UserError(f"--weights {weight_format} is a weight format of ONNX Runtime "
-                            "artifacts; pass --engine ort with it.")
-        return make_engine("torch", gpt)
-    from ..export.artifact import build_artifact
-
-    click.echo(f"building the demo GPT's ort artifact ({weight_format} weights)", err=True)
-    artifact = build_artifact(
-        gpt, workdir / "demo-artifact", model_name="GPT-demo",
-        image_size=gpt.layout.height * gpt.config.downsample, weights={"source": "demo"},
-        capacity=gpt.family.token_layout(gpt.layout).length, build_options={"eval": True},
-        max_batch=max(64, rows), split_cache=True, weight_format=weight_format)
-    return make_engine("ort", artifact=artifact.path)
-
-
-def demo_subject(heldout: int, real: int, seed: int, engine=None) -> EvalSubject:
-    """The bundled demo: GPT, VQ tokenizer, classifier judge, held-out procedural images.
-
-    `engine(gpt)`: what runs the GPT (default: the torch engine)."""
-    from ..demo import load_demo_classifier, load_demo_gpt, load_demo_vq
-    from ..demo.blocks import encode_blocks
-    from ..demo.dataset import dataset_split
-
-    gpt, vq, classifier = load_demo_gpt(), load_demo_vq(), load_demo_classifier()
-    real_images, _ = dataset_split("heldout", real, seed=seed)
-    nll_images, nll_labels = dataset_split("heldout", heldout, seed=seed, start=real)
-    with torch.inference_mode():
-        heldout_tokens = encode_blocks(vq, nll_images)  # how the demo GPT's data was coded
-
-    def judge(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.inference_mode():
-            return classifier.logits(images), classifier.features(images)
-
-    return EvalSubject(engine(gpt) if engine else make_engine("torch", gpt), vq.decode_codes,
-                       judge, real_images, heldout_tokens, nll_labels)
-
-
-def family_subject(family: str, checkpoint: str | None, model_name: str, image_size: int,
-                   max_prompt_tokens: int, prompts: tuple[str, ...],
-                   caption_features: tuple[str, ...], per_prompt: int, seed: int) -> EvalSubject:
-    """Another family's model on the torch engine; its prompts (or seeded ones) repeated.
-
-    No decoder, judge or real data: accuracy and FD are not measured, and the teacher-forced
-    NLL is taken on the full cache's own samples.
-    """
-    from ..models.families import load_step_model
-    from .family_generate import conditions_for
-
-    model = load_step_model(family, checkpoint=checkpoint, model_name=model_name,
-                            image_size=image_size, seed=seed,
-                            max_prompt_tokens=max_prompt_tokens)
-    if prompts or caption_features:
-        given = conditions_for(family, model.family, checkpoint, prompts, caption_features,
-                               image_size)
-    else:
-        click.echo(f"note: no --prompt given; evaluating on 4 seeded stand-in {family} "
-                   "conditions.", err=True)
-        given = model.family.example_conditions(4, seed)
-    conditions = [condition for condition in given for _ in range(per_prompt)]
-    return EvalSubject(make_engine("torch", model), None, None, None, None, None, conditions)
-
-
-def split_list(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 @click.command(name="eval")
@@ -173,12 +100,6 @@ def eval_command(policies, budgets, samples_per_class, heldout, real, batch_size
     no class judge or real data for those, so no accuracy, FD or sample grids.
     """
     check_writable(out, force)
-    if family != "demo" and family not in FAMILIES[1:]:
-        raise UserError(f"Unknown --family '{family}'; choose demo or one of: "
-                        f"{', '.join(FAMILIES[1:])}.")
-    if head_budgets is not None and family != "demo":
-        raise UserError(f"--head-budgets runs on LlamaGen class-to-image models for now, not "
-                        f"--family {family}; drop it.")
     if head_budgets is not None:
         load_head_budgets(head_budgets)  # a bad file fails before the sweep starts
     if quick:
@@ -201,30 +122,11 @@ def eval_command(policies, budgets, samples_per_class, heldout, real, batch_size
         sampling=SamplingConfig(cfg_scale=cfg_scale, top_k=top_k, temperature=temperature),
         knobs=knobs, head_budgets=head_budgets,
     )
-    if engine != "torch" and family != "demo":
-        raise UserError(f"--engine {engine} runs the demo model's eval; --family {family} "
-                        "runs on the torch engine.")
-    with tempfile.TemporaryDirectory(prefix="le-eval.") as work:
-        if family == "demo":
-            subject = demo_subject(heldout, real, seed, functools.partial(
-                demo_engine, engine=engine, weight_format=weight_format, workdir=Path(work),
-                rows=2 * batch_size))
-        else:
-            subject = family_subject(family, checkpoint, model_name, image_size,
-                                     max_prompt_tokens, prompts, caption_features,
-                                     samples_per_class, seed)
-        result = run_sweep(subject, settings, progress=sys.stderr.isatty())
-    files = {
-        "eval.json": json_bytes({"settings": {**settings.__dict__,
-                                              "sampling": settings.sampling.__dict__},
-                                 **result.as_json()}),
-        "eval.md": markdown_table(result).encode(),
-        "metrics.png": metrics_plot(result),
-        **sample_grids(result),
-    }
-    kept = kept_cells_plot(result)
-    if kept is not None:
-        files["kept_cells.png"] = kept
+    model = EvalModel(family, engine, weight_format, heldout, real, checkpoint, model_name,
+                      image_size, max_prompt_tokens, tuple(prompts), tuple(caption_features))
+    result = evaluate(model, settings, progress=sys.stderr.isatty(),
+                      log=lambda line: click.echo(line, err=True))
+    files = eval_files(settings, result)
     write_directory(out, files, force)
     click.echo(markdown_table(result))
     click.echo(f"wrote {len(files)} files to {out}/")

@@ -1,105 +1,28 @@
-"""`linear-export generate`: class-conditional images (for now their token grids) with a policy."""
+"""`linear-export generate`: images (or token grids) from class ids or prompts, with a policy."""
 
 from __future__ import annotations
 
-import resource
 import sys
 from pathlib import Path
 
 import click
-import numpy as np
-import torch
+from click.core import ParameterSource
 
-from ..engines import ENGINES, make_engine
+from .. import api
+from ..engines import ENGINES
 from ..errors import UserError
-from ..export.artifact import load_artifact
-from ..models import GPTConfig, SequenceLayout, get_config, load_gpt
-from ..models.chameleon_vq import NAME as CHAMELEON_VQ
-from ..models.families import FAMILIES, check_family
-from ..models.vq import load_vq
-from ..outputs import (
-    check_writable,
-    json_bytes,
-    npy_bytes,
-    write_directory,
-    write_json,
-    write_npy,
-)
-from ..runtime.decode import decode_tokens, image_grid, png_bytes
-from ..runtime.generate import generate as run_generation
+from ..models.families import FAMILIES
+from ..outputs import check_writable, write_directory, write_json, write_npy
 from ..runtime.sampling import SamplingConfig
-from .build import cached_artifact
-from .family_generate import generate_family
-from .options import build_policy, model_options, parse_classes, policy_options
+from .options import model_options, policy_options
+
+DEMO_CLASSES = ",".join(str(c) for c in range(10))
 
 
-def load_decoder(path: str, vq_model: str, config: GPTConfig):
-    """The VQ decoder for the GPT's tokens; codebook and stride must match the GPT's.
-
-    `vq_model` "chameleon-vqgan" is Lumina-mGPT's tokenizer (Meta's vqgan.ckpt).
-    """
-    if vq_model == CHAMELEON_VQ:
-        from ..models.chameleon_vq import load_chameleon_vq
-
-        return load_chameleon_vq(path, codes=config.vocab_size)
-    vq = load_vq(path, vq_model, encoder=False)
-    if vq.config.codebook_size != config.vocab_size:
-        raise UserError(f"The VQ checkpoint has {vq.config.codebook_size} codes but the GPT has "
-                        f"a vocabulary of {config.vocab_size}; pass the tokenizer the GPT was "
-                        "trained with.")
-    if vq.config.downsample != config.downsample:
-        raise UserError(f"--vq-model {vq_model} downsamples by {vq.config.downsample} but the "
-                        f"GPT expects {config.downsample}; pass the matching --vq-model.")
-    return vq
-
-
-def artifact_options(artifact, model_name: str, image_size: int, dtype: str):
-    """Model, image size and dtype come from the artifact; contradicting them is an error."""
-    context = click.get_current_context()
-    manifest = artifact.manifest
-    given = {"model_name": ("--model", model_name, manifest["model"]["name"]),
-             "image_size": ("--image-size", image_size, manifest["image_size"]),
-             "dtype": ("--dtype", dtype, manifest["dtype"])}
-    for name, (flag, value, built) in given.items():
-        explicit = context.get_parameter_source(name) not in (
-            click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)
-        if explicit and value != built:
-            raise UserError(f"{flag} {value} contradicts the artifact, which was built with "
-                            f"{flag} {built}; drop {flag} or rebuild the artifact.")
-    return manifest["model"]["name"], manifest["image_size"], manifest["dtype"]
-
-
-DEFAULT_CFG_SCALE, DEMO_CFG_SCALE = 4.0, 1.0
-
-
-def demo_defaults(model_name, image_size, classes, vq_checkpoint, vq_model):
-    """Checkpoint, model, image size, classes and VQ of the bundled demo, unless given."""
-    from click.core import ParameterSource
-
-    from ..demo import DEMO_DIR, DEMO_IMAGE_SIZE, DEMO_MODEL_NAME, DEMO_VQ_NAME
-
-    context = click.get_current_context()
-
-    def given(name: str) -> bool:
-        return context.get_parameter_source(name) != ParameterSource.DEFAULT
-
-    if given("model_name") and model_name != DEMO_MODEL_NAME:
-        raise UserError(f"No weights given for --model {model_name}; pass --checkpoint PATH or "
-                        "--random-weights (without them the bundled demo model runs).")
-    checkpoint = DEMO_DIR / "gpt.safetensors"
-    if not checkpoint.is_file():
-        raise UserError(f"The bundled demo weights '{checkpoint}' are missing; reinstall "
-                        "linear-export or pass --checkpoint PATH.")
-    if not given("vq_checkpoint"):
-        vq_checkpoint, vq_model = str(DEMO_DIR / "vq.safetensors"), DEMO_VQ_NAME
-    return (str(checkpoint), DEMO_MODEL_NAME,
-            image_size if given("image_size") else DEMO_IMAGE_SIZE,
-            classes if given("classes") else ",".join(str(c) for c in range(10)),
-            vq_checkpoint, vq_model)
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def given(name: str) -> bool:
+    """Whether the user set option `name` (not its default)."""
+    source = click.get_current_context().get_parameter_source(name)
+    return source not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
 
 
 @click.command()
@@ -156,7 +79,7 @@ def generate(
     artifact_dir, save_tokens, stats_json, out, vq_checkpoint, vq_model, no_decode, force,
     cuda_graph, family, prompts, caption_features, max_prompt_tokens, **knobs,
 ) -> None:
-    """Generate class-conditional images with a fixed-capacity KV cache.
+    """Generate images with a fixed-capacity KV cache: class-conditional, or from prompts.
 
     With no --checkpoint, --random-weights or --artifact, the bundled demo model runs
     (64 px, 10 procedural classes): `linear-export generate --out samples/`.
@@ -164,45 +87,6 @@ def generate(
     Example: linear-export generate --checkpoint c2i_B_256.pt --model GPT-B --policy linear
     --budget 1/4 --classes 207,360 --out samples/
     """
-    demo = family == "llamagen" and artifact_dir is None and checkpoint is None \
-        and not random_weights
-    if cfg_scale is None:
-        # Measured on the demo GPT (40 samples, bundled classifier): class accuracy 52% at
-        # CFG 1, 42% at 2, 28% at 4. Guidance there boosts codes the data never uses.
-        cfg_scale = DEMO_CFG_SCALE if demo else DEFAULT_CFG_SCALE
-    if family != "llamagen":
-        generate_family(
-            family=family, checkpoint=checkpoint, random_weights=random_weights,
-            model_name=model_name, image_size=image_size, dtype=dtype, device=device,
-            policy=policy, budget=budget, knobs=knobs,
-            sampling=SamplingConfig(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
-                                    top_p=top_p),
-            prompts=prompts, caption_features=caption_features,
-            max_prompt_tokens=max_prompt_tokens, num_images=num_images, batch_size=batch_size,
-            seed=seed, engine_name=engine_name, save_tokens=save_tokens, stats_json=stats_json,
-            out=out, force=force, artifact_dir=artifact_dir,
-            load_vq=None if vq_checkpoint is None or no_decode
-            else lambda config: load_decoder(
-                vq_checkpoint, CHAMELEON_VQ if family == "lumina" else vq_model, config))
-        return
-    if checkpoint is not None and Path(checkpoint).is_dir():
-        check_family(family, checkpoint)  # a Hugging Face directory of another family
-    artifact = None
-    if artifact_dir is not None:
-        if engine_name not in ("ort", "tensorrt"):
-            raise UserError("--artifact runs on the ort or tensorrt engine; add --engine ort.")
-        if checkpoint is not None or random_weights:
-            raise UserError("--artifact already holds the weights; drop --checkpoint and "
-                            "--random-weights.")
-        artifact = load_artifact(artifact_dir)
-        if artifact.family_name != family:
-            raise UserError(f"Artifact '{artifact_dir}' holds a {artifact.family_name} model; "
-                            f"pass --family {artifact.family_name}.")
-        model_name, image_size, dtype = artifact_options(artifact, model_name, image_size, dtype)
-    elif checkpoint is None and not random_weights:
-        # No weights named: run the bundled demo model (trained by `linear-export demo train`).
-        checkpoint, model_name, image_size, classes, vq_checkpoint, vq_model = demo_defaults(
-            model_name, image_size, classes, vq_checkpoint, vq_model)
     if num_images is not None and num_images < 1:
         raise UserError(f"--num-images {num_images} must be at least 1.")
     if batch_size < 1:
@@ -210,90 +94,99 @@ def generate(
     for path in (save_tokens, stats_json, out):
         if path is not None:
             check_writable(path, force)
-    sampling = SamplingConfig(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
-                              top_p=top_p)
-
-    # Validate everything that needs only the config before spending time on the weights.
-    config = get_config(model_name)
-    class_list = parse_classes(classes, config.num_classes)
-    total = num_images or len(class_list)
-    class_list = [class_list[i % len(class_list)] for i in range(total)]
-    chosen = build_policy(SequenceLayout.for_image(config, image_size), policy, budget,
-                          model_config=config, **knobs)
+    source = api.ModelSource(family, checkpoint, model_name, image_size, dtype, device, seed,
+                             random_weights, max_prompt_tokens)
+    if source.demo and artifact_dir is None:
+        source = api.demo_source(source, model_given=given("model_name"),
+                                 image_size_given=given("image_size"))
+        classes = classes if given("classes") else DEMO_CLASSES
+    sampling = SamplingConfig(cfg_scale=source.default_cfg_scale if cfg_scale is None
+                              else cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+    engine, chosen = open_engine_and_policy(source, engine_name, artifact_dir, policy, budget,
+                                            knobs, rows=batch_size * (1 + sampling.uses_cfg),
+                                            cuda_graph=cuda_graph)
+    conditions = conditions_of(engine, source, classes, prompts, caption_features)
+    total = num_images or len(conditions)
+    conditions = [conditions[i % len(conditions)] for i in range(total)]
     decoder = None
-    if vq_checkpoint is not None and not no_decode:
-        decoder = load_decoder(vq_checkpoint, vq_model, config)
-    if engine_name == "tensorrt" and artifact is None:
-        raise UserError("--engine tensorrt runs a built artifact's plans; pass --artifact DIR "
-                        "from linear-export build --tensorrt.")
-    if engine_name in ("ort", "tensorrt"):
-        if artifact is None:
-            rows = min(batch_size, total) * (2 if sampling.uses_cfg else 1)
-            artifact = cached_artifact(checkpoint=checkpoint, model_name=model_name,
-                                       image_size=image_size, dtype=dtype, seed=seed,
-                                       policy=chosen, rows=rows,
-                                       echo=lambda line: click.echo(line, err=True))
-        from ..engines.ort import fit_policy  # onnxruntime loads only for this engine
-
-        if chosen.head_shared and not artifact.head_shared:
-            raise UserError(f"Artifact '{artifact.path}' was built without --head-shared, so "
-                            "it cannot run --head-budgets; rebuild it with linear-export build "
-                            "--head-shared, or drop --head-budgets.")
-        chosen = fit_policy(chosen, artifact.capacity)  # the graph's cache size is static
-        if decoder is None and not no_decode and "vq_decoder" in artifact.manifest:
-            from ..engines.ort_vq import OrtVQDecoder
-
-            decoder = OrtVQDecoder(artifact.path / artifact.manifest["vq_decoder"]["file"])
-        engine = make_engine(engine_name, artifact=artifact, device=device,
-                             cuda_graph=cuda_graph)
-    else:
-        model = load_gpt(model_name, image_size, checkpoint, dtype=dtype, device=device,
-                         seed=seed)
-        engine = make_engine(engine_name, model, cuda_graph=cuda_graph)
-
-    results = [
-        run_generation(engine, class_list[start:start + batch_size], chosen, sampling,
-                       seed=seed + start, progress=sys.stderr.isatty())
-        for start in range(0, total, batch_size)
-    ]
-    tokens = np.concatenate([result.tokens.numpy() for result in results])
-    seconds = sum(result.stats.seconds_generate for result in results)
-    largest = results[0].stats  # the first batch is the fullest
-    stats = {
-        "model": model_name,
-        "image_size": image_size,
-        "dtype": dtype,
-        "policy": chosen.name,
-        "budget": chosen.budget,
-        "engine": engine_name,
-        "cfg_scale": sampling.cfg_scale,
-        "batch": min(batch_size, total),
-        "images": total,
-        "seconds_generate": seconds,
-        "images_per_s": total / seconds if seconds else 0.0,
-        "seconds_per_image": seconds / total,
-        "kv_capacity": chosen.capacity,
-        "kv_bytes": largest.kv_bytes,
-        "full_kv_bytes": largest.full_kv_bytes,
-        "peak_cache_len": largest.peak_cache_len,
-        "peak_rss_bytes": peak_rss_bytes(),
-    }
+    if not no_decode and (out is not None or vq_checkpoint is not None):
+        decoder = api.load_decoder(engine, vq_checkpoint, vq_model)  # fails before generating
+    result = api.generate(engine, conditions, chosen, sampling, batch_size=batch_size,
+                          seed=seed, decoder=decoder if out is not None else None,
+                          progress=sys.stderr.isatty())
     if save_tokens is not None:
-        write_npy(save_tokens, tokens)
+        write_npy(save_tokens, result.tokens)
     if stats_json is not None:
-        write_json(stats_json, stats)
+        write_json(stats_json, result.stats)
     if out is not None:
-        files = {"tokens.npy": npy_bytes(tokens), "stats.json": json_bytes(stats)}
-        if decoder is not None:
-            pictures = decode_tokens(decoder.decode_codes, torch.from_numpy(tokens))
-            for index, (class_id, picture) in enumerate(zip(class_list, pictures, strict=True)):
-                files[f"{index:04d}_class{class_id}_seed{seed}.png"] = png_bytes(picture)
-            files["grid.png"] = png_bytes(image_grid(pictures))
-        write_directory(out, files, force)
-        if decoder is None and not no_decode:
-            click.echo("No --vq-checkpoint given: wrote tokens and stats, no images.", err=True)
-    click.echo(
-        f"{total} images, {chosen.name} policy, budget {chosen.budget} tokens, capacity "
-        f"{chosen.capacity} slots: {stats['images_per_s']:.3f} images/s, KV "
-        f"{largest.kv_bytes / 2**20:.1f} MiB (full {largest.full_kv_bytes / 2**20:.1f} MiB)"
-    )
+        write_directory(out, result.files(), force)
+    click.echo(summary(result, engine.family.name, decoder is not None, out is not None,
+                       no_decode))
+
+
+def open_engine_and_policy(source, engine_name: str, artifact_dir: Path | None, policy: str,
+                           budget: str, knobs: dict, rows: int, cuda_graph: bool):
+    """The engine (on the weights, or on --artifact) and the policy, checked in that order
+    that fails fastest: a LlamaGen policy before its weights load."""
+    if source.family != "llamagen" and knobs.get("head_budgets") is not None:
+        raise UserError(f"--head-budgets runs on LlamaGen class-to-image models for now, not "
+                        f"--family {source.family}; drop it.")
+    if artifact_dir is not None:
+        if engine_name not in ("ort", "tensorrt"):
+            raise UserError("--artifact runs on the ort or tensorrt engine; add --engine ort.")
+        if source.checkpoint is not None or source.random_weights:
+            raise UserError("--artifact already holds the weights; drop --checkpoint and "
+                            "--random-weights.")
+        engine = api.open_engine(artifact_dir, engine_name, device=source.device)
+        check_artifact_options(engine.artifact, source)
+        return engine, api.make_policy(policy, engine, budget=budget, **knobs)
+    if source.family == "llamagen":
+        chosen = api.make_policy(policy, source, budget=budget, **knobs)
+        engine = api.open_source(source, engine_name, policy=chosen, rows=rows,
+                                 device=source.device, cuda_graph=cuda_graph,
+                                 log=lambda line: click.echo(line, err=True))
+        return engine, api.fit_engine(chosen, engine)
+    engine = api.open_source(source, engine_name, device=source.device, cuda_graph=cuda_graph)
+    return engine, api.make_policy(policy, engine, budget=budget, **knobs)
+
+
+def check_artifact_options(artifact, source) -> None:
+    """Family, model, image size and dtype come from the artifact; contradicting them is an
+    error."""
+    if artifact.family_name != source.family:
+        raise UserError(f"Artifact '{artifact.path}' holds a {artifact.family_name} model; "
+                        f"pass --family {artifact.family_name}.")
+    manifest = artifact.manifest
+    built = {"model_name": ("--model", source.model, manifest["model"]["name"]),
+             "image_size": ("--image-size", source.image_size, manifest["image_size"]),
+             "dtype": ("--dtype", source.dtype, manifest["dtype"])}
+    for name, (flag, value, recorded) in built.items():
+        if given(name) and value != recorded:
+            raise UserError(f"{flag} {value} contradicts the artifact, which was built with "
+                            f"{flag} {recorded}; drop {flag} or rebuild the artifact.")
+
+
+def conditions_of(engine, source, classes: str, prompts, caption_features) -> list:
+    """Class ids for LlamaGen class-to-image models, the prompts' conditions otherwise."""
+    if engine.family.name == "llamagen":
+        return api.parse_classes(classes, engine.config.num_classes)
+    checkpoint = api.model_directory(engine)
+    return api.prompt_conditions(engine, prompts, caption_features, checkpoint)
+
+
+def summary(result, family: str, decoded: bool, wrote: bool, no_decode: bool) -> str:
+    """The one line `generate` prints (and a note when images were asked for but not made)."""
+    stats = result.stats
+    if family != "llamagen":
+        written = "images and token grids" if decoded else (
+            "token grids written; pass --vq-checkpoint (Chameleon's vqgan.ckpt) for images"
+            if family == "lumina" else "token grids written; decode them with the family's "
+            "own VQ decoder")
+        return (f"{stats['images']} images ({family}), {stats['policy']} policy, capacity "
+                f"{stats['kv_capacity']} slots: {written}.")
+    if wrote and not decoded and not no_decode:
+        click.echo("No --vq-checkpoint given: wrote tokens and stats, no images.", err=True)
+    return (f"{stats['images']} images, {stats['policy']} policy, budget {stats['budget']} "
+            f"tokens, capacity {stats['kv_capacity']} slots: {stats['images_per_s']:.3f} "
+            f"images/s, KV {stats['kv_bytes'] / 2**20:.1f} MiB (full "
+            f"{stats['full_kv_bytes'] / 2**20:.1f} MiB)")

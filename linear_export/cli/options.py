@@ -6,12 +6,9 @@ from collections.abc import Callable
 
 import click
 
-from ..errors import UserError
 from ..models import DTYPES, GPT_CONFIGS
-from ..models.configs import GPTConfig, SequenceLayout
-from ..runtime.budget import BUDGET_HELP, parse_budget
-from ..runtime.head_budgets import load_head_budgets
-from ..runtime.policies import POLICIES, Policy, PolicyConfig
+from ..runtime.budget import BUDGET_HELP
+from ..runtime.policies import POLICIES, PolicyConfig
 
 
 def compose(*decorators: Callable) -> Callable:
@@ -74,33 +71,6 @@ policy_options = compose(
 )
 
 
-def build_policy(layout: SequenceLayout, policy: str, budget: str,
-                 model_config: GPTConfig | None = None, head_budgets: str | None = None,
-                 **knobs: object) -> Policy:
-    """The policy the options ask for; `head_budgets` (a file) needs `model_config`."""
-    if policy not in POLICIES:
-        raise UserError(f"Unknown policy {policy!r}; choose one of: {', '.join(POLICIES)}.")
-    tokens = None if policy == "full" else parse_budget(budget, layout)
-    chosen = Policy(PolicyConfig(name=policy, budget=tokens, **knobs), layout)
-    if head_budgets is None:
-        return chosen
-    if policy != "linear":
-        raise UserError(f"--head-budgets sets LineAR's per-head budgets; drop it for --policy "
-                        f"{policy}.")
-    return load_head_budgets(head_budgets).apply(chosen, model_config, head_budgets)
-
-
-def parse_classes(text: str, num_classes: int) -> list[int]:
-    """'207,360' -> [207, 360], each within the model's classes."""
-    try:
-        classes = [int(part) for part in text.replace(" ", "").split(",") if part]
-    except ValueError:
-        raise UserError(f"--classes {text!r} is not a comma-separated list of class ids such as "
-                        "207,360,387.") from None
-    if not classes:
-        raise UserError("--classes is empty; give at least one class id such as 207.")
-    for class_id in classes:
-        if not 0 <= class_id < num_classes:
-            raise UserError(f"Class id {class_id} is out of range; this model has classes "
-                            f"0..{num_classes - 1}.")
-    return classes
+def split_list(text: str) -> tuple[str, ...]:
+    """'a, b,,c' -> ('a', 'b', 'c')."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())

@@ -1,0 +1,34 @@
+"""The public Python API: load, build, make a policy, generate, verify, bench, sample."""
+
+from ..export.artifact import Artifact, load_artifact
+from ..runtime.policies import Policy
+from ..runtime.sampling import SamplingConfig
+from .bench import BenchOptions, BenchReport, bench
+from .build import BuildOptions, build, cache_root, cached_artifact
+from .calibrate import CalibrationSettings, calibrate
+from .engines import load_decoder, model_directory, open_engine, open_source
+from .evaluate import EvalModel, evaluate
+from .generate import Generation, generate
+from .models import (
+    DEFAULT_CFG_SCALE,
+    DEMO_CFG_SCALE,
+    ModelSource,
+    demo_source,
+    load_model,
+    load_source,
+    load_vq_decoder,
+    parse_classes,
+    prompt_conditions,
+)
+from .policy import fit_engine, make_policy, policy_from_options
+from .verify import verify
+
+__all__ = [
+    "DEFAULT_CFG_SCALE", "DEMO_CFG_SCALE", "Artifact", "BenchOptions", "BenchReport",
+    "BuildOptions", "CalibrationSettings", "EvalModel", "Generation", "ModelSource", "Policy",
+    "SamplingConfig", "bench", "build", "cache_root", "cached_artifact", "calibrate",
+    "demo_source", "evaluate", "fit_engine", "generate", "load_artifact", "load_decoder",
+    "load_model", "load_source", "load_vq_decoder", "make_policy", "model_directory",
+    "open_engine", "open_source", "parse_classes", "policy_from_options", "prompt_conditions",
+    "verify",
+]
