@@ -105,12 +105,12 @@ def generate(
     engine, chosen = open_engine_and_policy(source, engine_name, artifact_dir, policy, budget,
                                             knobs, rows=batch_size * (1 + sampling.uses_cfg),
                                             cuda_graph=cuda_graph)
-    conditions = conditions_of(engine, source, classes, prompts, caption_features)
-    total = num_images or len(conditions)
-    conditions = [conditions[i % len(conditions)] for i in range(total)]
     decoder = None
     if not no_decode and (out is not None or vq_checkpoint is not None):
         decoder = api.load_decoder(engine, vq_checkpoint, vq_model)  # fails before generating
+    conditions = conditions_of(engine, source, classes, prompts, caption_features)
+    total = num_images or len(conditions)
+    conditions = [conditions[i % len(conditions)] for i in range(total)]
     result = api.generate(engine, conditions, chosen, sampling, batch_size=batch_size,
                           seed=seed, decoder=decoder if out is not None else None,
                           progress=sys.stderr.isatty())
