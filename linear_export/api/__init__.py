@@ -1,5 +1,6 @@
 """The public Python API: load, build, make a policy, generate, verify, bench, sample."""
 
+from ..errors import UserError
 from ..export.artifact import Artifact, load_artifact
 from ..runtime.policies import Policy
 from ..runtime.sampling import SamplingConfig
@@ -26,7 +27,7 @@ from .verify import verify
 __all__ = [
     "DEFAULT_CFG_SCALE", "DEMO_CFG_SCALE", "Artifact", "BenchOptions", "BenchReport",
     "BuildOptions", "CalibrationSettings", "EvalModel", "Generation", "ModelSource", "Policy",
-    "SamplingConfig", "bench", "build", "cache_root", "cached_artifact", "calibrate",
+    "SamplingConfig", "UserError", "bench", "build", "cache_root", "cached_artifact", "calibrate",
     "demo_source", "evaluate", "fit_engine", "generate", "load_artifact", "load_decoder",
     "load_model", "load_source", "load_vq_decoder", "make_policy", "model_directory",
     "open_engine", "open_source", "parse_classes", "policy_from_options", "prompt_conditions",
