@@ -125,7 +125,7 @@ def generate_family(*, family: str, checkpoint: str | None, random_weights: bool
     conditions = [conditions[i % len(conditions)] for i in range(total)]
     chosen = build_policy(engine.family.token_layout(engine.layout), policy, budget, **knobs)
     if model is None:
-        from ..engines.ort import fit_policy
+        from ..runtime.policies import fit_policy
 
         chosen = fit_policy(chosen, engine.capacity)  # the graph's cache size is static
     results = [run_generation(engine, conditions[start:start + batch_size], chosen, sampling,

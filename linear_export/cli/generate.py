@@ -233,7 +233,7 @@ def generate(
                                        image_size=image_size, dtype=dtype, seed=seed,
                                        policy=chosen, rows=rows,
                                        echo=lambda line: click.echo(line, err=True))
-        from ..engines.ort import fit_policy  # onnxruntime loads only for this engine
+        from ..runtime.policies import fit_policy
 
         if chosen.head_shared and not artifact.head_shared:
             raise UserError(f"Artifact '{artifact.path}' was built without --head-shared, so "

@@ -11,13 +11,13 @@ import click
 import torch
 
 from ..engines.base import Engine
-from ..engines.ort import OrtEngine, fit_policy
+from ..engines.ort import OrtEngine
 from ..engines.torch import TorchEngine
 from ..errors import UserError
 from ..export.artifact import Artifact, load_artifact
-from ..export.compare import compare_engines, format_report
 from ..export.reference import reference_model
-from ..runtime.policies import POLICIES
+from ..runtime.policies import POLICIES, fit_policy
+from ..runtime.verify import compare_engines, format_report
 from .options import build_policy
 
 

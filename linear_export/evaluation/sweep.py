@@ -16,7 +16,7 @@ from ..runtime.cache import KVCache
 from ..runtime.decode import decode_batches, to_uint8
 from ..runtime.generate import generate
 from ..runtime.head_budgets import load_head_budgets
-from ..runtime.policies import Policy, PolicyConfig
+from ..runtime.policies import Policy, PolicyConfig, fit_policy
 from ..runtime.sampling import SamplingConfig
 from .metrics import accuracy, frechet_distance, frechet_noise, token_agreement
 
@@ -136,8 +136,6 @@ def run_sweep(subject: EvalSubject, settings: EvalSettings, progress: bool = Fal
         if head_budgets is not None and name == "linear":
             policy = head_budgets.apply(policy, engine.config, settings.head_budgets)
         if getattr(engine, "capacity", None) is not None:  # an artifact's static cache
-            from ..engines.ort import fit_policy
-
             policy = fit_policy(policy, engine.capacity)
         started = time.perf_counter()
         tokens = generate_all(engine, conditions, policy, settings)

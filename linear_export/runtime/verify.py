@@ -13,10 +13,10 @@ from polygraphy.logger import G_LOGGER
 
 from ..engines.base import Engine, StepOutput
 from ..models.families.llamagen import LlamaGenC2I
-from ..runtime.cache import KVCache
-from ..runtime.generate import generate
-from ..runtime.policies import Policy
-from ..runtime.sampling import SamplingConfig, guide
+from .cache import KVCache
+from .generate import generate
+from .policies import Policy
+from .sampling import SamplingConfig, guide
 
 OUTPUTS = ("logits", "present_key", "present_value", "attn_mass")
 DECODE = ("logits", "present_key", "present_value", "present_query")  # the decode step's
@@ -205,7 +205,7 @@ def compare_engines(
 ) -> PolicyReport:
     """Teacher-forced per-step comparison plus greedy token identity of free-running generations.
 
-    `policy` must already be sized for the candidate (see engines.ort.fit_policy).
+    `policy` must already be sized for the candidate (see policies.fit_policy).
     """
     greedy = SamplingConfig(cfg_scale=cfg_scale, temperature=0.0)
     lockstep = LockstepEngine(reference, candidate, TOLERANCES[dtype_name], cfg_scale)
