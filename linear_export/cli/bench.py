@@ -25,11 +25,11 @@ from ..runtime.bench import (
     available_engines,
     max_batch,
     measure,
-    parse_policy,
     parse_size,
 )
 from ..runtime.bench_artifacts import prepare_artifacts
 from ..runtime.original import import_original
+from ..runtime.policy_spec import parse_policy
 
 MiB = 2**20
 DEFAULTS = {"model": "GPT-B", "image_size": 256, "engines": "torch,ort",

@@ -9,9 +9,9 @@ import click
 from ..errors import UserError
 from ..models import DTYPES, GPT_CONFIGS
 from ..models.configs import GPTConfig, SequenceLayout
-from ..runtime.budget import BUDGET_HELP, parse_budget
-from ..runtime.head_budgets import load_head_budgets
+from ..runtime.budget import BUDGET_HELP
 from ..runtime.policies import POLICIES, Policy, PolicyConfig
+from ..runtime.policy_spec import make_policy
 
 
 def compose(*decorators: Callable) -> Callable:
@@ -77,17 +77,9 @@ policy_options = compose(
 def build_policy(layout: SequenceLayout, policy: str, budget: str,
                  model_config: GPTConfig | None = None, head_budgets: str | None = None,
                  **knobs: object) -> Policy:
-    """The policy the options ask for; `head_budgets` (a file) needs `model_config`."""
-    if policy not in POLICIES:
-        raise UserError(f"Unknown policy {policy!r}; choose one of: {', '.join(POLICIES)}.")
-    tokens = None if policy == "full" else parse_budget(budget, layout)
-    chosen = Policy(PolicyConfig(name=policy, budget=tokens, **knobs), layout)
-    if head_budgets is None:
-        return chosen
-    if policy != "linear":
-        raise UserError(f"--head-budgets sets LineAR's per-head budgets; drop it for --policy "
-                        f"{policy}.")
-    return load_head_budgets(head_budgets).apply(chosen, model_config, head_budgets)
+    """The policy the options ask for (runtime.policy_spec.make_policy)."""
+    return make_policy(layout, policy, budget, model_config=model_config,
+                       head_budgets=head_budgets, **knobs)
 
 
 def parse_classes(text: str, num_classes: int) -> list[int]:
