@@ -106,8 +106,7 @@ class KeptCells:
 def run_sweep(subject: EvalSubject, settings: EvalSettings, progress: bool = False) -> EvalResult:
     """Evaluate `full` first, then every (policy, budget) against it."""
     engine = subject.engine
-    family = getattr(engine, "family", None)
-    layout = family.token_layout(engine.layout) if family is not None else engine.layout
+    layout = engine.family.token_layout(engine.layout)
     labels, conditions = _conditions(subject, settings)
     real_features, floor = _real_features(subject)
     configs = sweep_policies(engine, layout, settings)  # all checked before any generation
