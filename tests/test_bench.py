@@ -7,12 +7,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from linear_export.cli import main
-from linear_export.errors import UserError
-from linear_export.models.configs import SequenceLayout
 from linear_export.runtime.bench import (
     BASELINE,
     BenchConfig,
@@ -21,10 +18,8 @@ from linear_export.runtime.bench import (
     available_engines,
     max_batch,
     measure,
-    parse_policy,
     parse_size,
 )
-from linear_export.runtime.policies import PolicyConfig
 
 
 def run(*args: str):
@@ -187,35 +182,3 @@ def test_child_peak_rss_is_its_own_not_the_parents() -> None:
                           check=True)
     assert int(done.stdout) < 1 << 30
     del ballast
-
-
-def test_policy_specs_take_knobs_after_the_budget() -> None:
-    layout = SequenceLayout(prefix=1, height=16, width=16)
-    plain = parse_policy("linear:1/4", layout)
-    in_place = parse_policy("linear:1/4:lookahead=0:recent-lines=2:cfg_share=true", layout)
-    assert plain.config.lookahead == PolicyConfig.lookahead and plain.budget == 64
-    assert (in_place.config.lookahead, in_place.recent_lines) == (0, 2)
-    assert in_place.config.cfg_share is True and in_place.budget == 64
-    assert parse_policy("linear:granularity=layer", layout).config.granularity == "layer"
-    assert parse_policy("linear:granularity=layer", layout).budget == 64  # the 1/4 default
-
-
-def test_policy_specs_take_a_head_budgets_file(tmp_path) -> None:
-    from linear_export.models import get_config
-    from linear_export.runtime.head_budgets import HeadBudgets
-
-    config, layout = get_config("GPT-tiny-gqa"), SequenceLayout(prefix=1, height=4, width=4)
-    table = torch.tensor([[[4, 4], [4, 4]], [[8, 8], [8, 8]], [[11, 5], [6, 10]]])
-    path = tmp_path / "hb.safetensors"
-    HeadBudgets({8: table}, (4, 4), config.n_layer, config.kv_heads,
-                {8: {"recent_lines": 1, "anchor": 0}}).save(path)
-    spec = f"linear:2lines:head_budgets={path}"
-    assert not parse_policy(spec, layout).head_shared  # checked, resolved with a model config
-    pooled = parse_policy(spec, layout, config)
-    assert pooled.head_shared and torch.equal(pooled.config.head_budgets, table)
-    with pytest.raises(UserError, match="no table for a budget of 12"):
-        parse_policy(f"linear:3lines:head_budgets={path}", layout, config)
-    with pytest.raises(UserError, match="only linear takes it"):
-        parse_policy(f"h2o:2lines:head_budgets={path}", layout)
-    with pytest.raises(UserError, match="does not exist"):
-        parse_policy(f"linear:2lines:head_budgets={tmp_path / 'none'}", layout)

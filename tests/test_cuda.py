@@ -22,11 +22,11 @@ from linear_export.cli import main
 from linear_export.engines import make_engine
 from linear_export.engines.torch import TorchEngine
 from linear_export.errors import UserError
-from linear_export.export.compare import compare_engines, format_report
 from linear_export.runtime.bench import Measurement, Result
 from linear_export.runtime.generate import generate
 from linear_export.runtime.policies import Policy, PolicyConfig
 from linear_export.runtime.sampling import SamplingConfig
+from linear_export.runtime.verify import compare_engines, format_report
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,7 +133,8 @@ def test_ort_engine_on_cuda_matches_torch() -> None:
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         pytest.skip("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
-    from linear_export.engines.ort import OrtEngine, fit_policy
+    from linear_export.engines.ort import OrtEngine
+    from linear_export.runtime.policies import fit_policy
 
     engine = OrtEngine(built("GPT-tiny", split_cache=True), device="cuda")
     reference = TorchEngine(model_for().to("cuda"))

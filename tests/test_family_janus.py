@@ -11,12 +11,12 @@ from family_fixtures import OnnxStepEngine, export_family_graphs, tiny_janus  # 
 
 from linear_export.engines.torch import TorchEngine  # noqa: E402
 from linear_export.errors import UserError  # noqa: E402
-from linear_export.export.compare import TOLERANCES, LockstepEngine  # noqa: E402
 from linear_export.models.configs import SequenceLayout  # noqa: E402
 from linear_export.models.families.janus import JanusStep  # noqa: E402
 from linear_export.runtime.generate import generate  # noqa: E402
 from linear_export.runtime.policies import Policy, PolicyConfig  # noqa: E402
 from linear_export.runtime.sampling import SamplingConfig  # noqa: E402
+from linear_export.runtime.verify import TOLERANCES, LockstepEngine  # noqa: E402
 
 LAYOUT = SequenceLayout(prefix=10, height=4, width=3)
 PROMPTS = [[1, 20, 21, 22, 9], [1, 30, 31, 32, 9]]  # BOS ... image-start

@@ -11,7 +11,6 @@ from family_fixtures import OnnxStepEngine, export_family_graphs, tiny_chameleon
 
 from linear_export.engines.torch import TorchEngine  # noqa: E402
 from linear_export.errors import UserError  # noqa: E402
-from linear_export.export.compare import TOLERANCES, LockstepEngine  # noqa: E402
 from linear_export.models.configs import SequenceLayout  # noqa: E402
 from linear_export.models.families.lumina import (  # noqa: E402
     LuminaFamily,
@@ -21,6 +20,7 @@ from linear_export.models.families.lumina import (  # noqa: E402
 from linear_export.runtime.generate import generate  # noqa: E402
 from linear_export.runtime.policies import Policy, PolicyConfig  # noqa: E402
 from linear_export.runtime.sampling import SamplingConfig  # noqa: E402
+from linear_export.runtime.verify import TOLERANCES, LockstepEngine  # noqa: E402
 
 LAYOUT = SequenceLayout(prefix=12, height=4, width=2)  # 2 x 1 grids of 32 px
 PROMPTS = [[1, 20, 21, 22], [1, 30]]  # different lengths: two cond prefix groups

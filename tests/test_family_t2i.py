@@ -7,19 +7,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from linear_export.engines.ort import OrtEngine, fit_policy
+from linear_export.engines.ort import OrtEngine
 from linear_export.engines.torch import TorchEngine
 from linear_export.errors import UserError
 from linear_export.export.artifact import build_artifact, load_artifact
-from linear_export.export.compare import compare_engines, format_report
 from linear_export.export.reference import reference_model
 from linear_export.models.configs import GPTConfig, SequenceLayout, get_config
 from linear_export.models.families import load_step_model
 from linear_export.models.families.t2i import T2IGPT, load_caption
 from linear_export.models.gpt import init_weights
 from linear_export.runtime.generate import generate
-from linear_export.runtime.policies import Policy, PolicyConfig
+from linear_export.runtime.policies import Policy, PolicyConfig, fit_policy
 from linear_export.runtime.sampling import SamplingConfig
+from linear_export.runtime.verify import compare_engines, format_report
 
 CONFIG = GPTConfig(dim=64, n_layer=2, n_head=4, vocab_size=64, num_classes=0, cls_token_num=8,
                    multiple_of=32, downsample=4)

@@ -9,7 +9,6 @@ from artifact_fixtures import built, model_for, one_torch_thread  # noqa: F401
 
 from linear_export.engines.ort import OrtEngine
 from linear_export.export.artifact import load_artifact
-from linear_export.export.compare import TOLERANCES
 from linear_export.export.onnx_step import (
     DECODE_OUTPUTS,
     INPUT_NAMES,
@@ -21,6 +20,7 @@ from linear_export.export.onnx_step import (
 )
 from linear_export.export.split_cache import split_cache_inputs
 from linear_export.runtime.cache import CacheShape, KVCache
+from linear_export.runtime.verify import TOLERANCES
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TINY = {"name": "GPT-tiny"}  # one artifact shared by most tests

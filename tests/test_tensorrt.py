@@ -193,12 +193,11 @@ def test_build_records_plans_for_this_gpu(trt_artifact) -> None:
 @needs_tensorrt
 @pytest.mark.parametrize("policy", ["full", "linear"])
 def test_tensorrt_matches_torch_on_cuda(trt_artifact, policy) -> None:
-    from linear_export.engines.ort import fit_policy
     from linear_export.engines.tensorrt import TrtEngine
     from linear_export.engines.torch import TorchEngine
-    from linear_export.export.compare import compare_engines, format_report
     from linear_export.export.reference import reference_model
-    from linear_export.runtime.policies import Policy, PolicyConfig
+    from linear_export.runtime.policies import Policy, PolicyConfig, fit_policy
+    from linear_export.runtime.verify import compare_engines, format_report
 
     artifact = load_artifact(trt_artifact)
     engine = TrtEngine(artifact, device="cuda")

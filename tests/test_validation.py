@@ -1,6 +1,6 @@
 """Every budget and policy spec string parses to a policy the design allows, or is one UserError.
 
-Property-based (hypothesis) over runtime/budget.py parse_budget, runtime/bench.py
+Property-based (hypothesis) over runtime/budget.py parse_budget, runtime/policy_spec.py
 parse_policy and cli/options.py build_policy: never another exception, and a parsed policy's
 capacity is prefix + budget + one line, never above the full sequence.
 """
@@ -14,13 +14,13 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from linear_export.api import policy_from_options as build_policy
 from linear_export.cli import main
 from linear_export.errors import UserError
 from linear_export.models.configs import SequenceLayout
-from linear_export.runtime.bench import KNOBS, parse_policy
 from linear_export.runtime.budget import parse_budget
 from linear_export.runtime.policies import POLICIES, Policy
+from linear_export.runtime.policy_spec import KNOBS, parse_policy
+from linear_export.runtime.policy_spec import make_policy as build_policy
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 layouts = st.builds(SequenceLayout, prefix=st.integers(1, 3), height=st.integers(1, 8),

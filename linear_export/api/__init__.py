@@ -21,7 +21,7 @@ from .models import (
     parse_classes,
     prompt_conditions,
 )
-from .policy import fit_engine, make_policy, policy_from_options
+from .policy import fit_engine, make_policy
 from .verify import verify
 
 __all__ = [
@@ -30,6 +30,6 @@ __all__ = [
     "SamplingConfig", "UserError", "bench", "build", "cache_root", "cached_artifact", "calibrate",
     "demo_source", "evaluate", "fit_engine", "generate", "load_artifact", "load_decoder",
     "load_model", "load_source", "load_vq_decoder", "make_policy", "model_directory",
-    "open_engine", "open_source", "parse_classes", "policy_from_options", "prompt_conditions",
+    "open_engine", "open_source", "parse_classes", "prompt_conditions",
     "verify",
 ]

@@ -24,11 +24,11 @@ from ..runtime.bench import (
     available_engines,
     max_batch,
     measure,
-    parse_policy,
     parse_size,
 )
 from ..runtime.bench_artifacts import prepare_artifacts
 from ..runtime.original import import_original
+from ..runtime.policy_spec import parse_policy
 
 Log = Callable[[str], None]
 

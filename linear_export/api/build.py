@@ -28,8 +28,8 @@ from ..models import SequenceLayout, get_config, init_weights
 from ..models.families import HF_FAMILIES, check_family, hf_weights_record, load_step_model
 from ..outputs import clear_write_errors
 from ..runtime.policies import Policy
+from ..runtime.policy_spec import make_policy as layout_policy
 from .models import CHAMELEON_VQ, ModelSource, load_vq_decoder
-from .policy import policy_from_options
 
 RANDOM_STD = inspect.signature(init_weights).parameters["std"].default  # as load_gpt
 Log = Callable[[str], None]
@@ -105,7 +105,7 @@ def _check(source: ModelSource, out: Path, options: BuildOptions, force: bool) -
                         "do not hold yet.")
     if family == "llamagen":  # a bad budget fails before the weights load
         layout = SequenceLayout.for_image(get_config(source.model), source.image_size)
-        policy_from_options(layout, options.policy, options.budget)
+        layout_policy(layout, options.policy, options.budget)
 
 
 def _weights_record(source: ModelSource, stage: Log) -> dict:
@@ -136,7 +136,7 @@ def _export(source: ModelSource, out: Path, options: BuildOptions, force: bool,
     weights = _weights_record(source, stage)
     model_name = (Path(source.checkpoint).resolve().name if source.family in HF_FAMILIES
                   else source.model)
-    chosen = policy_from_options(model.family.token_layout(model.layout), options.policy,
+    chosen = layout_policy(model.family.token_layout(model.layout), options.policy,
                                  options.budget)
     vq_decoder = None
     if options.vq_checkpoint is not None:

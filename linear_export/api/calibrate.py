@@ -18,9 +18,9 @@ from ..models.configs import SequenceLayout
 from ..runtime.generate import generate
 from ..runtime.head_budgets import HeadBudgets
 from ..runtime.policies import Policy, PolicyConfig
+from ..runtime.policy_spec import make_policy as layout_policy
 from ..runtime.sampling import SamplingConfig
 from .models import DEFAULT_CFG_SCALE, DEMO_CFG_SCALE, ModelSource, demo_source
-from .policy import policy_from_options
 
 SOURCES = ("auto", "samples", "demo-data")
 DEMO_CALIBRATION_START = 1000  # held-out demo images from here on: none that eval scores
@@ -60,7 +60,7 @@ def calibrate(source: ModelSource, settings: CalibrationSettings | None = None, 
     layout = SequenceLayout.for_image(config, source.image_size)
     knobs = {"recent_lines": settings.recent_lines, "anchor": settings.anchor,
              "lookahead": settings.lookahead}
-    policies = [policy_from_options(layout, "linear", budget, **knobs)
+    policies = [layout_policy(layout, "linear", budget, **knobs)
                 for budget in settings.budgets]
     if not policies:
         raise UserError("--budgets is empty; give budgets such as 1/4,1/6.")

@@ -5,27 +5,11 @@ from __future__ import annotations
 from ..engines.base import Engine
 from ..errors import UserError
 from ..models import get_config
-from ..models.configs import GPTConfig, SequenceLayout
-from ..runtime.budget import parse_budget
-from ..runtime.head_budgets import load_head_budgets
-from ..runtime.policies import POLICIES, Policy, PolicyConfig
+from ..models.configs import SequenceLayout
+from ..runtime.policies import Policy, fit_policy
+from ..runtime.policy_spec import make_policy as layout_policy
+from ..runtime.policy_spec import parse_policy
 from .models import ModelSource
-
-
-def policy_from_options(layout: SequenceLayout, policy: str, budget: str,
-                        model_config: GPTConfig | None = None, head_budgets: str | None = None,
-                        **knobs: object) -> Policy:
-    """The policy the options ask for; `head_budgets` (a file) needs `model_config`."""
-    if policy not in POLICIES:
-        raise UserError(f"Unknown policy {policy!r}; choose one of: {', '.join(POLICIES)}.")
-    tokens = None if policy == "full" else parse_budget(budget, layout)
-    chosen = Policy(PolicyConfig(name=policy, budget=tokens, **knobs), layout)
-    if head_budgets is None:
-        return chosen
-    if policy != "linear":
-        raise UserError(f"--head-budgets sets LineAR's per-head budgets; drop it for --policy "
-                        f"{policy}.")
-    return load_head_budgets(head_budgets).apply(chosen, model_config, head_budgets)
 
 
 def make_policy(spec: str, engine: Engine | ModelSource, *, budget: str | None = None,
@@ -44,14 +28,12 @@ def make_policy(spec: str, engine: Engine | ModelSource, *, budget: str | None =
     else:
         config, layout = engine.config, engine.family.token_layout(engine.layout)
     if ":" in spec or (budget is None and not knobs):
-        from ..runtime.bench import parse_policy
-
         if knobs or budget is not None:
             raise UserError(f"Policy {spec!r} already gives its budget and knobs; pass either a "
                             "spec string or a name with keywords, not both.")
-        chosen = parse_policy(spec, layout, config)
+        chosen = parse_policy(spec, layout, model_config=config)
     else:
-        chosen = policy_from_options(layout, spec, budget or "1/4", model_config=config, **knobs)
+        chosen = layout_policy(layout, spec, budget or "1/4", model_config=config, **knobs)
     return chosen if isinstance(engine, ModelSource) else fit_engine(chosen, engine)
 
 
@@ -64,6 +46,4 @@ def fit_engine(policy: Policy, engine: Engine) -> Policy:
         raise UserError(f"Artifact '{artifact.path}' was built without --head-shared, so it "
                         "cannot run --head-budgets; rebuild it with linear-export build "
                         "--head-shared, or drop --head-budgets.")
-    from ..engines.ort import fit_policy
-
     return fit_policy(policy, artifact.capacity)

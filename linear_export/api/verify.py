@@ -9,15 +9,15 @@ from pathlib import Path
 import torch
 
 from ..engines.base import Engine
-from ..engines.ort import OrtEngine, fit_policy
+from ..engines.ort import OrtEngine
 from ..engines.torch import TorchEngine
 from ..errors import UserError
 from ..export.artifact import Artifact, load_artifact
-from ..export.compare import compare_engines, format_report
 from ..export.reference import reference_model
-from ..runtime.policies import Policy
+from ..runtime.policies import Policy, fit_policy
+from ..runtime.policy_spec import make_policy as layout_policy
+from ..runtime.verify import compare_engines, format_report
 from .models import load_vq_decoder
-from .policy import policy_from_options
 
 Log = Callable[[str], None]
 
@@ -82,7 +82,7 @@ def _policies(artifact: Artifact, names: tuple[str, ...], budget: str | None,
     layout = artifact.family.token_layout(artifact.layout)  # what policies see (end-of-line)
     chosen, skipped = [], []
     for name in names:
-        policy = policy_from_options(layout, name, budget)
+        policy = layout_policy(layout, name, budget)
         if policy.capacity > artifact.capacity and not explicit:
             skipped.append(f"{name} skipped: it needs {policy.capacity} cache slots, the "
                            f"artifact has {artifact.capacity}")

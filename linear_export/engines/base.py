@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from ..errors import UserError
 from ..models.configs import GPTConfig, SequenceLayout
 from ..runtime.cache import KVCache
+
+if TYPE_CHECKING:
+    from ..models.families.base import Family
 
 
 @dataclass
@@ -27,6 +30,7 @@ class Engine(Protocol):
     name: str
     config: GPTConfig
     layout: SequenceLayout
+    family: Family  # how the runtime drives the model (prefix, CFG rows, line width)
     dtype: torch.dtype
     device: torch.device
 

@@ -20,7 +20,6 @@ from ..export.consistency import entry_intact, stamp_entry
 from ..export.onnx_step import IN_PLACE, SCORE_OUTPUT, SLOT_OWNER
 from ..export.split_cache import CACHE_INPUTS, layer_input
 from ..runtime.cache import KVCache
-from ..runtime.policies import Policy
 from .base import StepOutput, check_bound_cache, check_room, scoring_positions, slot_owners
 
 NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
@@ -321,35 +320,3 @@ class OrtEngine:
         self._bind_cache_inputs(binding, cache)
         self.prefill_embeds.run_with_iobinding(binding)
         return out
-
-
-class FixedCapacityPolicy(Policy):
-    """A policy run in a cache of an artifact's static capacity (at least what it needs).
-
-    Dead slots are masked, so a larger cache changes nothing but memory.
-    """
-
-    def __init__(self, policy: Policy, capacity: int):
-        self.__dict__.update(policy.__dict__)
-        self.needed = policy.capacity
-        self._capacity = capacity
-
-    @property
-    def capacity(self) -> int:
-        return self._capacity
-
-
-def fit_policy(policy: Policy, capacity: int) -> Policy:
-    """`policy` with its cache sized to an artifact's capacity; an error if that is too small."""
-    if policy.capacity > capacity:
-        if policy.name == "full":
-            fix = ("rebuild it with linear-export build --policy full, or run an evicting policy "
-                   "such as --policy linear --budget 1/4")
-        else:
-            fix = (f"rebuild it with linear-export build --policy {policy.name} --budget "
-                   f"{policy.budget}, or choose a smaller --budget")
-        raise UserError(f"The artifact holds {capacity} cache slots but --policy {policy.name} "
-                        f"needs {policy.capacity}; {fix}.")
-    if policy.capacity == capacity:
-        return policy
-    return FixedCapacityPolicy(policy, capacity)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..models.attention import pool_args
+from ..models.families.llamagen import LlamaGenC2I
 from ..models.gpt import GPT
 from ..runtime.cache import KVCache
 from .base import StepOutput
@@ -20,7 +21,9 @@ class TorchEngine:
         self.config, self.layout = model.config, model.layout
         self.dtype = model.dtype
         self.device = next(model.parameters()).device
-        self.family = model.family  # how the runtime drives this model (models/families)
+        # How the runtime drives this model (models/families); a bare GPT is class-to-image.
+        self.family = getattr(model, "family", None) or LlamaGenC2I.for_model(self.config,
+                                                                                self.layout)
         self.graphs = None
         if cuda_graph:
             from .cuda_graph import DecodeGraphs  # raises a UserError off CUDA

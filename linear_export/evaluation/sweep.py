@@ -11,12 +11,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..engines.base import Engine
-from ..runtime.budget import parse_budget
 from ..runtime.cache import KVCache
 from ..runtime.decode import decode_batches, to_uint8
 from ..runtime.generate import generate
-from ..runtime.head_budgets import load_head_budgets
-from ..runtime.policies import Policy, PolicyConfig
+from ..runtime.policies import Policy, fit_policy
+from ..runtime.policy_spec import make_policy
 from ..runtime.sampling import SamplingConfig
 from .metrics import accuracy, frechet_distance, frechet_noise, token_agreement
 
@@ -107,51 +106,26 @@ class KeptCells:
 def run_sweep(subject: EvalSubject, settings: EvalSettings, progress: bool = False) -> EvalResult:
     """Evaluate `full` first, then every (policy, budget) against it."""
     engine = subject.engine
-    family = getattr(engine, "family", None)
-    layout = family.token_layout(engine.layout) if family is not None else engine.layout
-    class_conditional = subject.conditions is None
-    if class_conditional:
-        labels = torch.tensor(settings.classes).repeat_interleave(settings.samples_per_class)
-        conditions = labels.tolist()
-    else:
-        labels, conditions = None, subject.conditions
-    real_features = None
-    floor = None
-    if subject.judge is not None:
-        real_features = subject.judge(subject.real_images)[1].numpy()
-        half = len(real_features) // 2
-        floor = frechet_distance(real_features[:half], real_features[half:])
-    configs = [("full", "1")] + [(name, budget) for name in settings.policies if name != "full"
-                                 for budget in settings.budgets]
+    layout = engine.family.token_layout(engine.layout)
+    labels, conditions = _conditions(subject, settings)
+    real_features, floor = _real_features(subject)
+    configs = sweep_policies(engine, layout, settings)  # all checked before any generation
     stages = sorted({max(0, round(layout.height * share) - 1) for share in (0.25, 0.5, 0.9)})
-    rows, samples, kept_cells, full_tokens, full_nll = [], {}, {}, None, None
-    full_per_image = None
+    rows, samples, kept_cells, full = [], {}, {}, None
     heldout = (subject.heldout_tokens, subject.heldout_labels)
-    head_budgets = None if settings.head_budgets is None else load_head_budgets(
-        settings.head_budgets)
-    for name, budget in tqdm(configs, desc="eval", disable=not progress):
-        tokens_budget = None if name == "full" else parse_budget(budget, layout)
-        knobs = settings.knobs if name == "linear" else {}
-        policy = Policy(PolicyConfig(name, budget=tokens_budget, **knobs), layout)
-        if head_budgets is not None and name == "linear":
-            policy = head_budgets.apply(policy, engine.config, settings.head_budgets)
-        if getattr(engine, "capacity", None) is not None:  # an artifact's static cache
-            from ..engines.ort import fit_policy
-
-            policy = fit_policy(policy, engine.capacity)
+    for name, budget, policy in tqdm(configs, desc="eval", disable=not progress):
         started = time.perf_counter()
         tokens = generate_all(engine, conditions, policy, settings)
         if heldout[0] is None:  # no real data: the full cache's own samples are the reference
             heldout = (tokens, conditions)
         # Kept-cell maps assume one prefix length (class-conditional models).
-        picture = class_conditional and name == "linear" and budget == "1/4"
+        picture = subject.conditions is None and name == "linear" and budget == "1/4"
         hook = KeptCells(layout, stages) if picture else None
         per_image = teacher_forced_nll(engine, *heldout, policy, settings, hook)
-        nll = per_image.mean().item()
         if hook is not None:
             kept_cells = hook.maps
-        if full_tokens is None:
-            full_tokens, full_nll, full_per_image = tokens, nll, per_image
+        if full is None:
+            full = (tokens, per_image)
         row_accuracy = frechet = noise = None
         if subject.decode is not None:
             images = decode_batches(subject.decode, tokens, settings.batch_size)
@@ -162,16 +136,60 @@ def run_sweep(subject: EvalSubject, settings: EvalSettings, progress: bool = Fal
                 noise = frechet_noise(features.numpy(), real_features, seed=settings.seed)
             picks = torch.arange(0, len(conditions), settings.samples_per_class)
             samples[f"{name} {budget}"] = to_uint8(images[picks])
-        rows.append(EvalRow(
-            policy=name, budget="all" if name == "full" else budget,
-            budget_tokens=policy.budget, nll=nll,
-            capacity=getattr(policy, "needed", policy.capacity),  # not an artifact's cache
-            nll_delta=nll - full_nll, nll_delta_pct=100 * (nll - full_nll) / full_nll,
-            nll_delta_se_pct=100 * paired_standard_error(per_image, full_per_image) / full_nll,
-            agreement=token_agreement(tokens, full_tokens), accuracy=row_accuracy,
-            frechet=frechet, frechet_noise=noise, seconds=time.perf_counter() - started,
-        ))
+        rows.append(_row(name, budget, policy, tokens, per_image, full, row_accuracy, frechet,
+                         noise, time.perf_counter() - started))
     return EvalResult(rows, floor, samples, kept_cells)
+
+
+def sweep_policies(engine: Engine, layout, settings: EvalSettings) -> list[tuple[str, str, Policy]]:
+    """(name, budget, policy) for `full`, then every policy but full at every budget, each
+    sized to the engine's static cache where it has one (artifacts)."""
+    configs = [("full", "1")] + [(name, budget) for name in settings.policies if name != "full"
+                                 for budget in settings.budgets]
+    chosen = []
+    for name, budget in configs:
+        linear = name == "linear"  # the knobs and per-head budgets are LineAR's
+        policy = make_policy(layout, name, budget, model_config=engine.config,
+                             head_budgets=settings.head_budgets if linear else None,
+                             **(settings.knobs if linear else {}))
+        if getattr(engine, "capacity", None) is not None:  # an artifact's static cache
+            policy = fit_policy(policy, engine.capacity)
+        chosen.append((name, budget, policy))
+    return chosen
+
+
+def _conditions(subject: EvalSubject, settings: EvalSettings) -> tuple[torch.Tensor | None, list]:
+    """The labels (class-conditional subjects) and the conditions generated from."""
+    if subject.conditions is not None:
+        return None, subject.conditions
+    labels = torch.tensor(settings.classes).repeat_interleave(settings.samples_per_class)
+    return labels, labels.tolist()
+
+
+def _real_features(subject: EvalSubject) -> tuple[np.ndarray | None, float | None]:
+    """The judge's features of the real images, and the FD between their two halves."""
+    if subject.judge is None:
+        return None, None
+    real_features = subject.judge(subject.real_images)[1].numpy()
+    half = len(real_features) // 2
+    return real_features, frechet_distance(real_features[:half], real_features[half:])
+
+
+def _row(name: str, budget: str, policy: Policy, tokens: torch.Tensor, per_image: torch.Tensor,
+         full: tuple[torch.Tensor, torch.Tensor], row_accuracy: float | None,
+         frechet: float | None, noise: float | None, seconds: float) -> EvalRow:
+    """One configuration's row, its likelihood and tokens measured against full's."""
+    full_tokens, full_per_image = full
+    nll, full_nll = per_image.mean().item(), full_per_image.mean().item()
+    return EvalRow(
+        policy=name, budget="all" if name == "full" else budget,
+        budget_tokens=policy.budget, nll=nll,
+        capacity=getattr(policy, "needed", policy.capacity),  # not an artifact's cache
+        nll_delta=nll - full_nll, nll_delta_pct=100 * (nll - full_nll) / full_nll,
+        nll_delta_se_pct=100 * paired_standard_error(per_image, full_per_image) / full_nll,
+        agreement=token_agreement(tokens, full_tokens), accuracy=row_accuracy,
+        frechet=frechet, frechet_noise=noise, seconds=seconds,
+    )
 
 
 def generate_all(engine: Engine, conditions: list, policy: Policy,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import platform
@@ -19,12 +18,13 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..hashing import sha256_file
 from ..models import DTYPES, GPTConfig, SequenceLayout
 from ..models.families import Family, family_from_json
 from ..models.families.llamagen import LlamaGenC2I
 from ..models.gpt import GPT
 from ..outputs import FULL_DISK, clear_write_errors, write_failure
-from .consistency import check_manifest, manifest_text
+from .consistency import CACHE_LAYOUTS, MANIFEST, STEP, check_manifest, manifest_text
 from .onnx_step import (
     DEFAULT_OPSET,
     decode_kernel,
@@ -42,8 +42,6 @@ from .step_variants import (
 # attention: build["attention"]) and LineAR's line-end score graph replace step_noscores.
 SCHEMA_VERSION = 5
 READABLE_VERSIONS = (5,)
-MANIFEST = "manifest.json"
-STEP = "step.onnx"
 STEP_DATA = "step.onnx.data"
 STEP_DECODE = "step_decode.onnx"  # the decode step: no attn_mass, fused attention
 SCORE = "score.onnx"  # LineAR's line-end score (runs once per line)
@@ -53,15 +51,6 @@ UNCOND = "uncond.safetensors"  # llamagen-t2i: the learned uncond caption embedd
 REBUILD = "rebuild with linear-export build --force"
 # ONNX Runtime's CPU provider has no bfloat16 kernels for these graphs.
 ARTIFACT_DTYPES = ("fp32", "fp16")
-CACHE_LAYOUTS = {False: "stacked", True: "per-layer"}  # the graph's cache inputs
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while block := file.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def tool_versions() -> dict[str, str]:

@@ -20,7 +20,11 @@ from pathlib import Path
 import onnx
 
 from ..errors import UserError
+from ..hashing import sha256_file
 
+MANIFEST = "manifest.json"
+STEP = "step.onnx"
+CACHE_LAYOUTS = {False: "stacked", True: "per-layer"}  # the graph's cache inputs
 DIGEST = "manifest_sha256"  # sha256 of the manifest's canonical JSON without this key
 FIX = "it was edited or copied from another build; rebuild with linear-export build --force"
 STAMP = "entry.json"  # inside an ORT cache entry: each file's size and sha256
@@ -58,8 +62,6 @@ def graph_io(path: Path) -> dict[str, list[dict]]:
 
 def check_manifest(path: Path, manifest: dict) -> None:
     """One UserError naming the first manifest field that disagrees with the graphs or digest."""
-    from .artifact import MANIFEST, STEP
-
     where = f"{MANIFEST} in '{path}'"
     io = manifest.get("io")
     if not isinstance(io, dict) or STEP not in io:
@@ -99,7 +101,6 @@ def _compare_io(where: str, graph: str, recorded: object, declared: dict) -> Non
 def _check_fields(where: str, manifest: dict, step: dict) -> None:
     """The fields the runtime sizes buffers by, against the step graph's declared IO."""
     from ..models import GPTConfig, SequenceLayout
-    from .artifact import CACHE_LAYOUTS, STEP
 
     inputs = {spec["name"]: spec for spec in step["inputs"]}
     outputs = {spec["name"]: spec for spec in step["outputs"]}
@@ -151,17 +152,9 @@ def _check_fields(where: str, manifest: dict, step: dict) -> None:
                             f"{FIX}.")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while block := file.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def stamp_entry(directory: Path) -> None:
     """Record each file of a finished cache entry (before it is renamed into place)."""
-    files = {path.name: {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    files = {path.name: {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
              for path in sorted(directory.iterdir()) if path.is_file() and path.name != STAMP}
     (directory / STAMP).write_text(json.dumps(files, indent=2) + "\n")
 
@@ -173,6 +166,6 @@ def entry_intact(directory: Path) -> bool:
         present = {path.name for path in directory.iterdir() if path.name != STAMP}
         return bool(files) and present == set(files) and all(
             (directory / name).stat().st_size == entry["bytes"]
-            and _sha256(directory / name) == entry["sha256"] for name, entry in files.items())
+            and sha256_file(directory / name) == entry["sha256"] for name, entry in files.items())
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return False

@@ -6,10 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
+from ..hashing import sha256_file
 from ..models.checkpoint import load_into, read_state_dict
 from ..models.families import load_hf_step
 from ..models.gpt import GPT, init_weights
-from .artifact import MANIFEST, REBUILD, Artifact, sha256_file
+from .artifact import MANIFEST, REBUILD, Artifact
 
 
 def reference_model(artifact: Artifact, checkpoint: str | Path | None = None) -> GPT:

@@ -19,8 +19,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..hashing import sha256_file
 from ..models.attention import DEFAULT_LOOKAHEAD, MAX_LOOKAHEAD
-from .artifact import MANIFEST, SCORE, STEP, STEP_DECODE, sha256_file
+from .artifact import MANIFEST, SCORE, STEP, STEP_DECODE
 from .consistency import manifest_text
 
 TIMING_CACHE = "tensorrt.timing_cache"  # inside the artifact, not hashed: it only speeds builds

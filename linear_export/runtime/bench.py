@@ -16,16 +16,13 @@ import statistics
 import subprocess
 import sys
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
 from tqdm.auto import tqdm
 
 from ..errors import UserError
-from ..models.configs import GPTConfig, SequenceLayout
-from .budget import parse_budget
-from .head_budgets import load_head_budgets
-from .policies import POLICIES, Policy, PolicyConfig
+from .policy_spec import KNOBS, parse_policy  # noqa: F401  (where cli/bench reads them)
 
 BASELINE = "baseline"  # the project's stand-in for LlamaGen's loop (runtime.baseline)
 ORIGINAL = "llamagen"  # LlamaGen's own generate() from --llamagen-src (runtime.original)
@@ -59,68 +56,6 @@ def parse_size(text: str) -> int:
         raise UserError(f"--memory-limit {text!r} is not a size; give a number with a unit such "
                         "as 8GiB, 8GB or 512MiB.")
     return int(value)
-
-
-KNOBS = {field.name: field for field in fields(PolicyConfig) if field.name not in ("name",
-                                                                                 "budget")}
-
-
-def parse_policy(spec: str, layout: SequenceLayout,
-                 model_config: GPTConfig | None = None) -> Policy:
-    """'full', 'linear:1/4', 'streaming:96', 'linear:1/4:lookahead=0' -> a validated Policy.
-
-    Knobs are PolicyConfig fields, `:name=value` after the budget, so one bench run can put
-    two settings of a policy side by side. `head_budgets=FILE` (linear) runs the head-shared
-    pool with that file's table; it is read only with `model_config`, so a spec is checked
-    before any model loads and resolved where one has.
-    """
-    name, *parts = spec.strip().split(":")
-    budget = parts.pop(0) if parts and "=" not in parts[0] else ""
-    if name not in POLICIES:
-        raise UserError(f"Unknown policy {spec!r} in --policies; use NAME or NAME:BUDGET with "
-                        f"NAME one of {', '.join(POLICIES)}, e.g. linear:1/4.")
-    if name == "full":
-        if budget or parts:
-            raise UserError(f"Policy {spec!r}: full keeps the whole cache and takes no budget "
-                            "or knobs.")
-        return Policy(PolicyConfig("full"), layout)
-    try:
-        knobs = dict(_knob(part) for part in parts)
-        head_budgets = knobs.pop("head_budgets", None)
-        policy = Policy(PolicyConfig(name, budget=parse_budget(budget or "1/4", layout),
-                                     **knobs), layout)
-        if head_budgets is None:
-            return policy
-        if name != "linear":
-            raise UserError("head_budgets sets LineAR's per-head budgets; only linear takes it.")
-        budgets = load_head_budgets(head_budgets)
-        if model_config is None:
-            return policy
-        return budgets.apply(policy, model_config, head_budgets)
-    except UserError as error:  # say which spec: the budget's own message names --budget
-        raise UserError(f"In --policies {spec!r}: {error}") from None
-
-
-def _knob(text: str) -> tuple[str, object]:
-    """'lookahead=0' -> ('lookahead', 0), typed like the PolicyConfig field's default."""
-    key, _, value = text.partition("=")
-    key = key.replace("-", "_")
-    if key not in KNOBS or not value:
-        raise UserError(f"{text!r} is not a policy knob; give name=value with name one of "
-                        f"{', '.join(KNOBS)}.")
-    default = KNOBS[key].default
-    if key == "head_budgets":  # a file
-        return key, value
-    if isinstance(default, bool):
-        if value.lower() not in ("true", "false", "1", "0"):
-            raise UserError(f"Knob {key} takes true or false, not {value!r}.")
-        return key, value.lower() in ("true", "1")
-    if isinstance(default, str):
-        return key, value
-    try:
-        return key, int(value)
-    except ValueError:
-        raise UserError(f"Knob {key} takes a whole number, not {value!r}.") from None
 
 
 @dataclass(frozen=True)

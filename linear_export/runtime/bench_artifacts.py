@@ -8,17 +8,19 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..hashing import sha256_file
 from .bench import (
     ARTIFACT_ENGINES,
     BenchConfig,
     artifact_key,
     engine_parts,
     load_bench_model,
-    parse_policy,
 )
+from .policy_spec import parse_policy
 
 
 def _reusable(path: Path, wanted: dict) -> bool:
@@ -64,66 +66,108 @@ def prepare_artifacts(config: BenchConfig, log: Callable[[str], None]) -> Iterat
     if not engines:
         yield {}
         return
-    from ..engines import make_engine
-    from ..export.artifact import CACHE_LAYOUTS, build_artifact, sha256_file
-    from ..export.onnx_step import decode_kernel
-    from ..models.families import HF_FAMILIES, hf_weights_record
-
-    if config.family in HF_FAMILIES:
-        weights = hf_weights_record(config.family, config.checkpoint)
-    elif config.checkpoint is None:
-        weights = {"source": "random", "seed": config.seed, "std": 0.02}
-    else:
-        weights = {"source": "checkpoint", "path": str(Path(config.checkpoint).resolve()),
-                   "sha256": sha256_file(Path(config.checkpoint))}
-    variants = ["score.onnx", "step.onnx", "step_decode.onnx"]  # as the manifest lists them
-    if config.family == "llamagen-t2i":
-        variants.insert(0, "prefill_embeds.onnx")
-    # TensorRT parses standard ONNX only: its artifacts take the standard attention ops.
-    attention = "math" if "tensorrt" in engines else "gqa"
-    rows = (2 if config.cfg_scale > 1 else 1) * max(*config.batch_sizes, *config.fit_batches)
-    # The max-batch search may go far above the measured batches: a generous profile.
-    max_rows = 4096 if config.memory_limit is not None else max(64, rows)
     keep = config.artifacts_dir is not None
     work = Path(config.artifacts_dir) if keep else Path(tempfile.mkdtemp(prefix="le-bench."))
     # The exporter logs a warning per torchvision op it cannot register: noise here.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    model = None
     try:
-        paths: dict[str, str] = {}
-        for spec, engine in ((spec, engine) for spec in config.policies for engine in engines):
-            if model is None:
-                model = load_bench_model(config, device="cpu")
-            policy = parse_policy(spec, model.family.token_layout(model.layout), model.config)
-            capacity, head_shared = policy.capacity, policy.head_shared
-            weight_format = engine_parts(engine)[1]
-            path = work / (f"{config.model}-{config.image_size}px-{config.dtype}-c{capacity}"
-                           + ("-head-shared" if head_shared else "")
-                           + ("" if weight_format == "fp32" else f"-{weight_format}"))
-            wanted = {"model": config.model, "image_size": config.image_size,
-                      "dtype": config.dtype, "capacity": capacity, "weights": weights,
-                      "variants": variants, "max_batch": max_rows,
-                      "cache_inputs": CACHE_LAYOUTS[True], "head_shared": head_shared,
-                      "attention": decode_kernel(attention, True, head_shared),
-                      "weight_format": weight_format, "tensorrt": "tensorrt" in engines}
-            if str(path) not in paths.values() and not _reusable(path, wanted):
-                log(f"building an artifact with {capacity} cache slots and {weight_format} "
-                    f"weights for {spec} in {path}")
-                build_artifact(model, path, model_name=config.model,
-                               image_size=config.image_size, weights=weights, capacity=capacity,
-                               build_options={"bench": spec}, max_batch=max_rows,
-                               split_cache=True, head_shared=head_shared,
-                               attention=attention, weight_format=weight_format, force=True)
-                if "tensorrt" in engines:  # plans for this GPU, in the same artifact
-                    from ..export.tensorrt import TrtBuildConfig, add_tensorrt_plans
-
-                    add_tensorrt_plans(path, TrtBuildConfig(
-                        max_batch=max_rows, opt_batch=min(rows, max_rows)), log)
-                # let the engine cache its optimized graph now
-                make_engine(engine_parts(engine)[0], artifact=path, device=config.device)
-            paths[artifact_key(engine, spec)] = str(path)
-        del model
-        yield paths
+        yield _build_all(config, engines, work, log)  # the model is freed before measuring
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class SharedBuild:
+    """What every artifact of one bench has in common."""
+
+    weights: dict  # the manifest's weights record
+    variants: list[str]  # the graphs, as the manifest lists them
+    attention: str  # the step's attention ops
+    rows: int  # the most rows a measured batch runs (CFG doubles them)
+    max_rows: int  # the batch profile built for
+    tensorrt: bool  # plans for this GPU too
+
+
+def shared_build(config: BenchConfig, engines: list[str]) -> SharedBuild:
+    variants = ["score.onnx", "step.onnx", "step_decode.onnx"]  # as the manifest lists them
+    if config.family == "llamagen-t2i":
+        variants.insert(0, "prefill_embeds.onnx")
+    rows = (2 if config.cfg_scale > 1 else 1) * max(*config.batch_sizes, *config.fit_batches)
+    tensorrt = "tensorrt" in engines
+    return SharedBuild(
+        weights=weights_record(config), variants=variants,
+        # TensorRT parses standard ONNX only: its artifacts take the standard attention ops.
+        attention="math" if tensorrt else "gqa", rows=rows,
+        # The max-batch search may go far above the measured batches: a generous profile.
+        max_rows=4096 if config.memory_limit is not None else max(64, rows), tensorrt=tensorrt)
+
+
+def weights_record(config: BenchConfig) -> dict:
+    """Where the bench's weights come from, as build_artifact records it (and reuse checks)."""
+    from ..models.families import HF_FAMILIES, hf_weights_record
+
+    if config.family in HF_FAMILIES:
+        return hf_weights_record(config.family, config.checkpoint)
+    if config.checkpoint is None:
+        return {"source": "random", "seed": config.seed, "std": 0.02}
+    return {"source": "checkpoint", "path": str(Path(config.checkpoint).resolve()),
+            "sha256": sha256_file(Path(config.checkpoint))}
+
+
+def _build_all(config: BenchConfig, engines: list[str], work: Path,
+               log: Callable[[str], None]) -> dict[str, str]:
+    """Each (policy spec, artifact engine)'s artifact directory, built where none matches."""
+    build = shared_build(config, engines)
+    model = None
+    paths: dict[str, str] = {}
+    for spec, engine in ((spec, engine) for spec in config.policies for engine in engines):
+        if model is None:
+            model = load_bench_model(config, device="cpu")
+        policy = parse_policy(spec, model.family.token_layout(model.layout),
+                              model_config=model.config)
+        weight_format = engine_parts(engine)[1]
+        path = work / (f"{config.model}-{config.image_size}px-{config.dtype}-c{policy.capacity}"
+                       + ("-head-shared" if policy.head_shared else "")
+                       + ("" if weight_format == "fp32" else f"-{weight_format}"))
+        wanted = _wanted(config, build, policy, weight_format)
+        if str(path) not in paths.values() and not _reusable(path, wanted):
+            log(f"building an artifact with {policy.capacity} cache slots and {weight_format} "
+                f"weights for {spec} in {path}")
+            _build_one(model, path, config, build, spec, policy, weight_format, log)
+            # let the engine cache its optimized graph now
+            from ..engines import make_engine
+
+            make_engine(engine_parts(engine)[0], artifact=path, device=config.device)
+        paths[artifact_key(engine, spec)] = str(path)
+    return paths
+
+
+def _wanted(config: BenchConfig, build: SharedBuild, policy, weight_format: str) -> dict:
+    """The manifest fields a reusable artifact must have (see _reusable)."""
+    from ..export.consistency import CACHE_LAYOUTS
+    from ..export.onnx_step import decode_kernel
+
+    return {"model": config.model, "image_size": config.image_size, "dtype": config.dtype,
+            "capacity": policy.capacity, "weights": build.weights, "variants": build.variants,
+            "max_batch": build.max_rows, "cache_inputs": CACHE_LAYOUTS[True],
+            "head_shared": policy.head_shared,
+            "attention": decode_kernel(build.attention, True, policy.head_shared),
+            "weight_format": weight_format, "tensorrt": build.tensorrt}
+
+
+def _build_one(model, path: Path, config: BenchConfig, build: SharedBuild, spec: str, policy,
+               weight_format: str, log: Callable[[str], None]) -> None:
+    """The artifact for `policy`'s capacity, and its TensorRT plans when the bench runs them."""
+    from ..export.artifact import build_artifact
+
+    build_artifact(model, path, model_name=config.model, image_size=config.image_size,
+                   weights=build.weights, capacity=policy.capacity,
+                   build_options={"bench": spec}, max_batch=build.max_rows, split_cache=True,
+                   head_shared=policy.head_shared, attention=build.attention,
+                   weight_format=weight_format, force=True)
+    if build.tensorrt:  # plans for this GPU, in the same artifact
+        from ..export.tensorrt import TrtBuildConfig, add_tensorrt_plans
+
+        add_tensorrt_plans(path, TrtBuildConfig(
+            max_batch=build.max_rows, opt_batch=min(build.rows, build.max_rows)), log)

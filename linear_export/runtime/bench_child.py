@@ -28,8 +28,8 @@ from .bench import (
     Measurement,
     artifact_key,
     engine_parts,
-    parse_policy,
 )
+from .policy_spec import parse_policy
 from .sampling import SamplingConfig
 
 
@@ -163,7 +163,7 @@ def run_job(job: Job) -> Measurement:
         seconds, steps, capacity, nbytes = run_original(engine, classes, sampling, config)
     else:
         policy = parse_policy(job.policy, engine.family.token_layout(engine.layout),
-                              engine.config)
+                              model_config=engine.config)
         seconds, steps, capacity, nbytes = run_engine(engine, policy, classes, sampling, config)
     cuda = torch.cuda.max_memory_allocated() if config.device.startswith("cuda") else None
     return Measurement(seconds, job.batch, 1e3 * statistics.median(steps or [seconds]),

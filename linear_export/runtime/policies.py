@@ -339,3 +339,35 @@ class Policy:
             pooled = cond + uncond
             scores = torch.cat([pooled, pooled], dim=1)
         return scores
+
+
+class FixedCapacityPolicy(Policy):
+    """A policy run in a cache of an artifact's static capacity (at least what it needs).
+
+    Dead slots are masked, so a larger cache changes nothing but memory.
+    """
+
+    def __init__(self, policy: Policy, capacity: int):
+        self.__dict__.update(policy.__dict__)
+        self.needed = policy.capacity
+        self._capacity = capacity
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+
+def fit_policy(policy: Policy, capacity: int) -> Policy:
+    """`policy` with its cache sized to an artifact's capacity; an error if that is too small."""
+    if policy.capacity > capacity:
+        if policy.name == "full":
+            fix = ("rebuild it with linear-export build --policy full, or run an evicting policy "
+                   "such as --policy linear --budget 1/4")
+        else:
+            fix = (f"rebuild it with linear-export build --policy {policy.name} --budget "
+                   f"{policy.budget}, or choose a smaller --budget")
+        raise UserError(f"The artifact holds {capacity} cache slots but --policy {policy.name} "
+                        f"needs {policy.capacity}; {fix}.")
+    if policy.capacity == capacity:
+        return policy
+    return FixedCapacityPolicy(policy, capacity)

@@ -65,7 +65,7 @@ def hf_weights_record(family: str, directory: str | Path) -> dict:
     """How verify rebuilds a Janus/Lumina reference: the directory and a hash of its files."""
     import hashlib
 
-    from ...export.artifact import sha256_file
+    from ...hashing import sha256_file
 
     root = Path(directory).resolve()
     digest = hashlib.sha256()

@@ -12,11 +12,10 @@ from polygraphy.comparator import IterationResult, SimpleCompareFunc
 from polygraphy.logger import G_LOGGER
 
 from ..engines.base import Engine, StepOutput
-from ..models.families.llamagen import LlamaGenC2I
-from ..runtime.cache import KVCache
-from ..runtime.generate import generate
-from ..runtime.policies import Policy
-from ..runtime.sampling import SamplingConfig, guide
+from .cache import KVCache
+from .generate import generate
+from .policies import Policy
+from .sampling import SamplingConfig, guide
 
 OUTPUTS = ("logits", "present_key", "present_value", "attn_mass")
 DECODE = ("logits", "present_key", "present_value", "present_query")  # the decode step's
@@ -94,7 +93,7 @@ class LockstepEngine:
     def __init__(self, reference: Engine, candidate: Engine, tolerances: dict, cfg_scale: float):
         self.reference, self.candidate, self.cfg_scale = reference, candidate, cfg_scale
         self.config, self.layout = reference.config, reference.layout
-        self.family = getattr(reference, "family", None)
+        self.family = reference.family
         self.dtype, self.device = reference.dtype, reference.device
         names = [*OUTPUTS, *(name + DECODE_SUFFIX for name in DECODE), LINE_MASS]
         self.stats = {name: OutputStats(name, *tolerances[name.removesuffix(DECODE_SUFFIX)])
@@ -139,7 +138,7 @@ class LockstepEngine:
 
     def generate(self, conditions: Sequence, policy: Policy, seed: int = 0):
         """A greedy generation that follows the reference, every step compared."""
-        family = self.family or LlamaGenC2I.for_model(self.config, self.layout)
+        family = self.family
         greedy = SamplingConfig(cfg_scale=self.cfg_scale, temperature=0.0)
         groups = family.prefix_groups(list(conditions), greedy.uses_cfg, torch.device("cpu"))
         return generate(self, conditions, policy, greedy, seed=seed, family=family,
@@ -205,7 +204,7 @@ def compare_engines(
 ) -> PolicyReport:
     """Teacher-forced per-step comparison plus greedy token identity of free-running generations.
 
-    `policy` must already be sized for the candidate (see engines.ort.fit_policy).
+    `policy` must already be sized for the candidate (see policies.fit_policy).
     """
     greedy = SamplingConfig(cfg_scale=cfg_scale, temperature=0.0)
     lockstep = LockstepEngine(reference, candidate, TOLERANCES[dtype_name], cfg_scale)
