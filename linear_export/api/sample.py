@@ -18,10 +18,12 @@ See `shards.py` for the layout on disk and how resume and retries stay exact.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
@@ -104,6 +106,9 @@ class SampleSummary:
 
     def line(self) -> str:
         per_worker = ", ".join(f"{w['images_per_s']:.2f}" for w in self.workers.values())
+        if not self.workers:
+            return (f"{self.samples} samples: all {self.shards} shards were complete -> "
+                    f"{self.npz}, npz sha256 {self.npz_sha256[:12]}")
         return (f"{self.samples} samples in {self.shards} shards ({self.reused_shards} reused) -> "
                 f"{self.npz}: {self.images_per_s:.2f} images/s in total "
                 f"({len(self.workers)} workers: {per_worker or '-'} images/s each), KV "
@@ -453,17 +458,19 @@ def _run_ray(ray, spec, out, todo, workers, ray_address, num_gpus):
         else:
             ray.init(num_cpus=max(os.cpu_count() or 1, workers * spec.cpu_threads),
                      include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.ERROR)  # ray.data's INFO lines on stderr
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # ours counts samples
     context.verbose_progress = False
     dataset = ray.data.from_items([{"shard": s.id} for s in todo], override_num_blocks=len(todo))
     fault = os.environ.get(FAULT_ENV)
+    # Ray Data restarts a dead actor and retries its shard (its actor pool's default
+    # max_restarts=-1, max_task_retries=-1); a shard written twice is the same (shards.py).
     results = dataset.map_batches(
-        ShardWorker, batch_size=1, concurrency=workers, num_cpus=spec.cpu_threads,
-        num_gpus=num_gpus or None,
+        ShardWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
+        num_cpus=spec.cpu_threads, num_gpus=num_gpus or None,
         fn_constructor_kwargs={"spec": spec, "out": str(out), "shards": todo, "fault": fault},
-        # A dead actor is restarted and its shard retried; writes are idempotent (shards.py).
-        max_restarts=8, max_task_retries=8,
     )
     for row in results.iter_rows():
         row = dict(row)
@@ -506,9 +513,8 @@ def _finish(spec, out, shards, rows, reused, seconds, generated, npz_sha, shape,
                        f"{spec.cpu_threads} CPU threads per worker",
         "counts": {"samples": total, "shards": len(shards), "shard_size": shard_size,
                    "reused_shards": reused, "generated_shards": len(shards) - reused,
-                   "per_class": {str(c): sum(1 for i in range(total)
-                                             if spec.classes[i % len(spec.classes)] == c)
-                                 for c in spec.classes}},
+                   "per_class": {str(c): n for c, n in sorted(Counter(
+                       spec.classes[i % len(spec.classes)] for i in range(total)).items())}},
         "npz": {"file": NPZ, "sha256": npz_sha, "key": "arr_0", "dtype": "uint8",
                 "shape": [total, *shape]},
         "shards": {s.name: rows[s.id]["sha256"] for s in shards},
