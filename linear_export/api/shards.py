@@ -94,7 +94,7 @@ def write_shard(out: Path, shard: Shard, pictures: np.ndarray, record: dict) -> 
                 (staging / png_name(index)).write_bytes(png_bytes(picture))
             (staging / DONE).write_bytes(json_bytes(done))  # last: it marks the shard whole
             if final.exists():
-                if read_done(out, shard) is not None:
+                if complete_shard(out, shard) is not None:
                     return done  # a finished duplicate: identical content, keep it
                 retired = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{shard.name}.",
                                                 suffix=".old"))
@@ -103,7 +103,7 @@ def write_shard(out: Path, shard: Shard, pictures: np.ndarray, record: dict) -> 
             try:
                 os.replace(staging, final)
             except OSError:
-                if read_done(out, shard) is None:  # lost a race to a whole shard is fine
+                if complete_shard(out, shard) is None:  # lost a race to a whole shard: fine
                     raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
