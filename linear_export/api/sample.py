@@ -111,7 +111,8 @@ class SampleSummary:
                     f"{self.npz}, npz sha256 {self.npz_sha256[:12]}")
         return (f"{self.samples} samples in {self.shards} shards ({self.reused_shards} reused) -> "
                 f"{self.npz}: {self.images_per_s:.2f} images/s in total "
-                f"({len(self.workers)} workers: {per_worker or '-'} images/s each), KV "
+                f"({len(self.workers)} worker{'s' if len(self.workers) > 1 else ''}: {per_worker} "
+                f"images/s each), KV "
                 f"{self.kv_bytes / 2**20:.2f} MiB per shard batch, npz sha256 "
                 f"{self.npz_sha256[:12]}")
 
