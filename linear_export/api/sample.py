@@ -266,11 +266,12 @@ def _ort_vq_decoder(artifact, threads: int):
 
     from ..engines.ort_vq import OrtVQDecoder
 
-    decoder = OrtVQDecoder(artifact.path / artifact.manifest["vq_decoder"]["file"])
+    path = artifact.path / artifact.manifest["vq_decoder"]["file"]
+    decoder = OrtVQDecoder(path)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads  # fixed, like the step's: the bytes depend on it
-    decoder.session = ort.InferenceSession(decoder.session._model_path, options,
-                                           providers=decoder.session.get_providers())
+    decoder.session = ort.InferenceSession(str(path), options,
+                                           providers=["CPUExecutionProvider"])
     return decoder
 
 
