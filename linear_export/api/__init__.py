@@ -22,14 +22,15 @@ from .models import (
     prompt_conditions,
 )
 from .policy import fit_engine, make_policy
+from .sample import SampleSpec, SampleSummary, sample
 from .verify import verify
 
 __all__ = [
     "DEFAULT_CFG_SCALE", "DEMO_CFG_SCALE", "Artifact", "BenchOptions", "BenchReport",
     "BuildOptions", "CalibrationSettings", "EvalModel", "Generation", "ModelSource", "Policy",
-    "SamplingConfig", "UserError", "bench", "build", "cache_root", "cached_artifact", "calibrate",
+    "SampleSpec", "SampleSummary", "SamplingConfig", "UserError", "bench", "build", "cache_root", "cached_artifact", "calibrate",
     "demo_source", "evaluate", "fit_engine", "generate", "load_artifact", "load_decoder",
     "load_model", "load_source", "load_vq_decoder", "make_policy", "model_directory",
     "open_engine", "open_source", "parse_classes", "prompt_conditions",
-    "verify",
+    "sample", "verify",
 ]

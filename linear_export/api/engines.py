@@ -18,10 +18,12 @@ Decode = Callable[[torch.Tensor], torch.Tensor]  # codes [B, h, w] -> images [B,
 
 
 def open_engine(source: torch.nn.Module | Artifact | str | Path, engine: str | None = None, *,
-                device: str = "cpu", cuda_graph: bool = False) -> Engine:
+                device: str = "cpu", cuda_graph: bool = False,
+                threads: int | None = None) -> Engine:
     """An engine for a loaded model (torch) or an artifact or its directory (ort, tensorrt).
 
-    `engine` defaults to torch for a model and ort for an artifact."""
+    `engine` defaults to torch for a model and ort for an artifact; `threads`: ort's intra-op
+    threads [default: all cores]."""
     if engine is not None and engine not in ENGINES:
         raise UserError(f"Unknown engine '{engine}'; choose one of: {', '.join(ENGINES)}.")
     if isinstance(source, torch.nn.Module):
@@ -35,7 +37,7 @@ def open_engine(source: torch.nn.Module | Artifact | str | Path, engine: str | N
         raise UserError("--artifact runs on the ort or tensorrt engine; add --engine ort.")
     artifact = source if isinstance(source, Artifact) else load_artifact(source)
     opened = make_engine(engine or "ort", artifact=artifact, device=device,
-                         cuda_graph=cuda_graph)
+                         cuda_graph=cuda_graph, threads=threads)
     opened.source = None
     return opened
 
@@ -84,7 +86,7 @@ def model_directory(engine: Engine) -> str | None:
 
 def open_source(source: ModelSource, engine: str = "torch", *, policy: Policy | None = None,
                 rows: int = 16, device: str = "cpu", cuda_graph: bool = False,
-                log: Callable[[str], None] | None = None) -> Engine:
+                threads: int | None = None, log: Callable[[str], None] | None = None) -> Engine:
     """An engine on `source`'s weights: torch loads the model; ort and tensorrt run the
     artifact for these weights from the per-user cache, built there for `policy` and `rows`
     on first use (LlamaGen class-to-image models)."""
@@ -102,6 +104,6 @@ def open_source(source: ModelSource, engine: str = "torch", *, policy: Policy | 
     if source.demo and not source.bundled_demo:
         source = demo_source(source)
     artifact = cached_artifact(source, policy, rows, log)
-    opened = open_engine(artifact, engine, device=device, cuda_graph=cuda_graph)
+    opened = open_engine(artifact, engine, device=device, cuda_graph=cuda_graph, threads=threads)
     opened.source = source  # the weights it was built from (the demo's decoder goes with it)
     return opened

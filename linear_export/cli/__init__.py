@@ -62,6 +62,9 @@ def _register() -> None:
     from .calibrate import calibrate
 
     main.add_command(calibrate)
+    from .sample import sample
+
+    main.add_command(sample)
 
 
 _register()

@@ -24,10 +24,12 @@ def make_engine(
     artifact: Artifact | str | Path | None = None,
     device: str = "cpu",
     cuda_graph: bool = False,
+    threads: int | None = None,
 ) -> Engine:
     """An engine: torch runs an in-memory PyTorch model, ort and tensorrt an artifact directory.
 
-    `cuda_graph` (torch only): replay decode steps from a CUDA graph.
+    `cuda_graph` (torch only): replay decode steps from a CUDA graph. `threads` (ort): intra-op
+    threads [default: all cores].
     """
     if cuda_graph and name != "torch":
         raise UserError(f"--cuda-graph applies to the torch engine, not {name}; drop it or "
@@ -47,7 +49,7 @@ def make_engine(
     if name == "ort":
         from .ort import OrtEngine  # onnxruntime loads only when asked for
 
-        return OrtEngine(artifact, device=device)
+        return OrtEngine(artifact, device=device, threads=threads)
     if name == "tensorrt":
         from ..export.tensorrt import require_tensorrt
 
