@@ -28,9 +28,9 @@ from .verify import verify
 __all__ = [
     "DEFAULT_CFG_SCALE", "DEMO_CFG_SCALE", "Artifact", "BenchOptions", "BenchReport",
     "BuildOptions", "CalibrationSettings", "EvalModel", "Generation", "ModelSource", "Policy",
-    "SampleSpec", "SampleSummary", "SamplingConfig", "UserError", "bench", "build", "cache_root", "cached_artifact", "calibrate",
-    "demo_source", "evaluate", "fit_engine", "generate", "load_artifact", "load_decoder",
-    "load_model", "load_source", "load_vq_decoder", "make_policy", "model_directory",
-    "open_engine", "open_source", "parse_classes", "prompt_conditions",
+    "SampleSpec", "SampleSummary", "SamplingConfig", "UserError", "bench", "build", "cache_root",
+    "cached_artifact", "calibrate", "demo_source", "evaluate", "fit_engine", "generate",
+    "load_artifact", "load_decoder", "load_model", "load_source", "load_vq_decoder", "make_policy",
+    "model_directory", "open_engine", "open_source", "parse_classes", "prompt_conditions",
     "sample", "verify",
 ]
