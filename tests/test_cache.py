@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from linear_export.runtime.cache import CacheShape, KVCache, kv_bytes
+from linear_export.engines.cache import CacheShape, KVCache, kv_bytes
 
 
 def make_cache(capacity: int = 6) -> KVCache:

@@ -9,7 +9,7 @@ import torch
 
 from ..errors import UserError
 from ..models.configs import GPTConfig, SequenceLayout
-from ..runtime.cache import KVCache
+from .cache import KVCache
 
 
 @dataclass

@@ -15,8 +15,8 @@ import torch
 from ..errors import UserError
 from ..models.attention import pool_args
 from ..models.gpt import GPT
-from ..runtime.cache import KVCache
 from .base import StepOutput, scoring_positions
+from .cache import KVCache
 
 WARMUP_RUNS = 2  # eager runs on a side stream before capture, as torch.cuda.graphs asks
 

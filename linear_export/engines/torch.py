@@ -6,8 +6,8 @@ import torch
 
 from ..models.attention import pool_args
 from ..models.gpt import GPT
-from ..runtime.cache import KVCache
 from .base import StepOutput
+from .cache import KVCache
 
 
 class TorchEngine:

@@ -11,8 +11,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..engines.base import Engine
+from ..engines.cache import KVCache
 from ..runtime.budget import parse_budget
-from ..runtime.cache import KVCache
 from ..runtime.decode import decode_batches, to_uint8
 from ..runtime.generate import generate
 from ..runtime.head_budgets import load_head_budgets

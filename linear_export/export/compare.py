@@ -12,8 +12,8 @@ from polygraphy.comparator import IterationResult, SimpleCompareFunc
 from polygraphy.logger import G_LOGGER
 
 from ..engines.base import Engine, StepOutput
+from ..engines.cache import KVCache
 from ..models.families.llamagen import LlamaGenC2I
-from ..runtime.cache import KVCache
 from ..runtime.generate import generate
 from ..runtime.policies import Policy
 from ..runtime.sampling import SamplingConfig, guide

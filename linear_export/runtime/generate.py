@@ -10,11 +10,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..engines.base import Engine
+from ..engines.cache import CacheShape, KVCache
 from ..errors import UserError
 from ..models.configs import SequenceLayout
 from ..models.families.base import Family, PrefixGroup
 from ..models.families.llamagen import LlamaGenC2I
-from .cache import CacheShape, KVCache
 from .policies import Policy
 from .sampling import SamplingConfig, guide, sample
 
