@@ -157,7 +157,11 @@ def export_step(
 
 def decode_kernel(requested: str, split_cache: bool, head_shared: bool) -> str:
     """The decode step's attention kernel: the fused one needs each layer's cache as its own
-    input (to update it in place) and no slot owners; otherwise the standard ops."""
+    input (to update it in place) and no slot owners; otherwise the standard ops.
+
+    Why a head-shared pool is a graph of its own and not the plain cache with identity
+    owners: models.attention.cached_attention (the owner mask costs ~Hkv x the attention and
+    the fused kernel)."""
     return requested if split_cache and not head_shared else "math"
 
 
