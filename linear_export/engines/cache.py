@@ -98,13 +98,13 @@ class KVCache:
         place. One gather per tensor; runs once per image line, not per step.
         """
         batch, heads, live = self.shape.batch, self.shape.n_kv_head, self.cache_len
-        if keep.dim() == 4:  # row r's own slot c is the pool's r * live + c
+        if keep.dim() == 4:  # each row's own slots: its row is known, no integer division
             kept = keep.shape[-1]
-            # Each slot's row is known: no integer division (0.7 ms of a 10 ms line end at
-            # GPT-B, 16 rows, 81 slots).
             rows = torch.arange(batch * heads, device=keep.device).view(1, batch, heads, 1)
             offsets = rows * self.capacity + keep
-            keep = (keep + torch.arange(heads, device=keep.device).view(-1, 1) * live).flatten(2)
+
+            def take(tensor: torch.Tensor) -> torch.Tensor:
+                return torch.gather(tensor[..., :live], 3, keep)
         elif not self.head_shared:
             raise ValueError("slots kept across rows need a cache made with head_shared=True")
         elif keep.shape[-1] % heads:
@@ -113,11 +113,13 @@ class KVCache:
             kept = keep.shape[-1] // heads
             rows = torch.arange(batch, device=keep.device).view(1, -1, 1) * heads + keep // live
             offsets = (rows * self.capacity + keep % live).unflatten(2, (heads, kept))
+
+            def take(tensor: torch.Tensor) -> torch.Tensor:
+                pool = tensor[..., :live].flatten(2, 3)
+                return torch.gather(pool, 2, keep).unflatten(2, (heads, kept))
         self._move_slots(offsets)
-        moving = (self.positions, *per_slot) + ((self.owner,) if self.head_shared else ())
-        for tensor in moving:
-            pool = tensor[..., :live].flatten(2, 3)
-            tensor[..., :kept] = torch.gather(pool, 2, keep).unflatten(2, (heads, kept))
+        for tensor in (self.positions, *per_slot) + ((self.owner,) if self.head_shared else ()):
+            tensor[..., :kept] = take(tensor)
             if tensor is self.owner:  # new tokens land in their own head's row
                 tensor[..., kept:] = torch.arange(heads, device=tensor.device)[:, None]
             else:
