@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
+from linear_export.engines.cache import CacheShape, KVCache
 from linear_export.engines.ort import OrtEngine
 from linear_export.engines.torch import TorchEngine
 from linear_export.export.artifact import rehash
 from linear_export.export.split_cache import split_cache_inputs
 from linear_export.models import SequenceLayout, get_config, load_gpt
-from linear_export.runtime.cache import CacheShape, KVCache
 from linear_export.runtime.policy_spec import make_policy as build_policy
 
 # `linear-export` in a child that reports its own peak memory on exit.

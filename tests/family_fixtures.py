@@ -7,7 +7,7 @@ import onnxruntime as ort
 import torch
 
 from linear_export.engines.base import StepOutput, scoring_positions
-from linear_export.runtime.cache import KVCache
+from linear_export.engines.cache import KVCache
 
 
 def image_vocab(codes: int, first_id: int) -> dict[str, int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from linear_export.runtime.cache import CacheShape, KVCache, kv_bytes
+from linear_export.engines.cache import CacheShape, KVCache, kv_bytes
 
 
 def make_cache(capacity: int = 6) -> KVCache:
@@ -61,7 +61,7 @@ def test_compact_moves_kept_slots_to_the_front_per_head() -> None:
     assert torch.equal(cache.key[:, :, :, 3:4], new)
 
 
-def test_compact_pooled_lays_kept_slots_row_by_row_with_their_owners() -> None:
+def test_compact_across_rows_lays_kept_slots_row_by_row_with_their_owners() -> None:
     cache = KVCache(CacheShape(n_layer=2, batch=3, n_kv_head=2, capacity=6, head_dim=4),
                     torch.float32, head_shared=True)
     assert cache.owner[1, 2].tolist() == [[0] * 6, [1] * 6]
@@ -72,7 +72,7 @@ def test_compact_pooled_lays_kept_slots_row_by_row_with_their_owners() -> None:
     # 6 of the 10 live slots per (layer, row): head 0 keeps 4, head 1 keeps 2 (flat r * 5 + c).
     keep = torch.tensor([0, 1, 3, 4, 6, 9]).expand(2, 3, 6).clone()
     keep[1, 0] = torch.tensor([2, 5, 6, 7, 8, 9])  # head 0 keeps 1, head 1 keeps 5
-    cache.compact_pooled(keep, scores)
+    cache.compact(keep, scores)
     assert cache.cache_len == 3
     for layer in range(2):
         for row in range(3):
@@ -93,4 +93,4 @@ def test_compact_pooled_lays_kept_slots_row_by_row_with_their_owners() -> None:
                                                     head_shared=True).owner[..., 3:].tolist()
     assert torch.all(cache.positions[..., 3:] == -1) and torch.all(scores[..., 3:] == 0)
     with pytest.raises(ValueError, match="evenly"):
-        cache.compact_pooled(keep[..., :5])
+        cache.compact(keep[..., :5])

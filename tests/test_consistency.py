@@ -12,11 +12,11 @@ from artifact_fixtures import built, one_torch_thread  # noqa: F401
 from click.testing import CliRunner
 
 from linear_export.cli import main
+from linear_export.engines.cache import CacheShape, KVCache
 from linear_export.engines.ort import CACHE_DIR, OrtEngine
 from linear_export.errors import UserError
 from linear_export.export.artifact import load_artifact, rehash
 from linear_export.export.consistency import DIGEST, STAMP, manifest_digest
-from linear_export.runtime.cache import CacheShape, KVCache
 
 TINY = {"name": "GPT-tiny"}  # capacity 37, stacked cache inputs
 

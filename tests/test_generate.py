@@ -218,3 +218,12 @@ def test_per_condition_seeds_make_an_image_independent_of_its_batch() -> None:
     assert not torch.equal(other.tokens[0], alone.tokens[0])
     with pytest.raises(ValueError, match="one per condition"):
         generate(TorchEngine(model), [1, 4], chosen, sampling, seed=[1])
+
+
+def test_on_line_reports_each_finished_line_once_in_order() -> None:
+    model = tiny_model()
+    seen = []
+    generate(TorchEngine(model), [1], policy("linear", model.layout, budget=8),
+             SamplingConfig(cfg_scale=2.0), on_line=lambda line, lines: seen.append((line, lines)))
+    height = model.layout.height
+    assert seen == [(line, height) for line in range(height)]

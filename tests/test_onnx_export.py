@@ -7,6 +7,7 @@ import pytest
 import torch
 from artifact_fixtures import built, model_for, one_torch_thread  # noqa: F401
 
+from linear_export.engines.cache import CacheShape, KVCache
 from linear_export.engines.ort import OrtEngine
 from linear_export.export.artifact import load_artifact
 from linear_export.export.onnx_step import (
@@ -19,7 +20,6 @@ from linear_export.export.onnx_step import (
     _match,
 )
 from linear_export.export.split_cache import split_cache_inputs
-from linear_export.runtime.cache import CacheShape, KVCache
 from linear_export.runtime.verify import TOLERANCES
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -10,10 +10,10 @@ from artifact_fixtures import built, model_for, one_torch_thread  # noqa: F401
 
 from linear_export.engines import ENGINES, make_engine
 from linear_export.engines import ort as ort_module
+from linear_export.engines.cache import CacheShape, KVCache
 from linear_export.engines.ort import OrtEngine
 from linear_export.engines.torch import TorchEngine
 from linear_export.errors import UserError
-from linear_export.runtime.cache import CacheShape, KVCache
 from linear_export.runtime.generate import generate
 from linear_export.runtime.policies import Policy, PolicyConfig, fit_policy
 from linear_export.runtime.sampling import SamplingConfig

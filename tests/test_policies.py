@@ -9,10 +9,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from linear_export.engines.cache import CacheShape, KVCache
 from linear_export.errors import UserError
 from linear_export.models.attention import MAX_LOOKAHEAD
 from linear_export.models.configs import SequenceLayout
-from linear_export.runtime.cache import CacheShape, KVCache
 from linear_export.runtime.policies import Policy, PolicyConfig
 
 LAYOUT = SequenceLayout(prefix=2, height=6, width=4)

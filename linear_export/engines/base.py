@@ -9,7 +9,7 @@ import torch
 
 from ..errors import UserError
 from ..models.configs import GPTConfig, SequenceLayout
-from ..runtime.cache import KVCache
+from .cache import KVCache
 
 if TYPE_CHECKING:
     from ..models.families.base import Family
@@ -78,7 +78,7 @@ def check_bound_cache(engine, cache: KVCache, batch: int, limit: str) -> None:
                          f"{engine.dtype} on {engine.device}")
     if not (cache.key.is_contiguous() and cache.value.is_contiguous()):
         raise ValueError("the KV cache must be contiguous to be bound in place")
-    if cache.owner is not None and not engine.artifact.head_shared:
+    if cache.head_shared and not engine.artifact.head_shared:
         raise UserError(f"Artifact '{engine.artifact.path}' was built without --head-shared, so "
                         "its step cannot run per-head budgets; rebuild it with linear-export "
                         "build --head-shared, or drop --head-budgets.")
@@ -86,8 +86,8 @@ def check_bound_cache(engine, cache: KVCache, batch: int, limit: str) -> None:
 
 def slot_owners(engine, cache: KVCache) -> torch.Tensor:
     """What a head-shared step's slot_owner input gets: the cache's owners, or for a plain
-    cache each slot's own row (an identity the engine keeps per batch size)."""
-    if cache.owner is not None:
+    cache each slot's own row (its identity owners, made contiguous once per batch size)."""
+    if cache.head_shared:
         return cache.owner
     shape = cache.positions.shape
     identity = engine._identity_owners.get(shape)

@@ -15,8 +15,8 @@ import torch
 from ..errors import UserError
 from ..models.attention import pool_args
 from ..models.gpt import GPT
-from ..runtime.cache import KVCache
 from .base import StepOutput, scoring_positions
+from .cache import KVCache
 
 WARMUP_RUNS = 2  # eager runs on a side stream before capture, as torch.cuda.graphs asks
 
@@ -82,7 +82,7 @@ class DecodeGraphs:
         self.cache_len.fill_(cache.cache_len)
 
         def run() -> StepOutput:
-            pool = pool_args(cache.owner)
+            pool = pool_args(cache.shared_owner)
             if score_position_ids is None:
                 logits, key, value, query, _ = self.model.decode(
                     input_ids, position_ids, cache.key, cache.value, self.cache_len, **pool)
@@ -108,5 +108,5 @@ class DecodeGraphs:
 
 def _cache_pointers(cache: KVCache) -> tuple[int, int, int]:
     """Where the graph reads the cache (keys, values, slot owners; compaction is in place)."""
-    owner = 0 if cache.owner is None else cache.owner.data_ptr()
+    owner = cache.owner.data_ptr() if cache.head_shared else 0
     return cache.key.data_ptr(), cache.value.data_ptr(), owner

@@ -19,8 +19,8 @@ from ..export.artifact import Artifact, directory_mode, load_artifact
 from ..export.consistency import entry_intact, stamp_entry
 from ..export.onnx_step import IN_PLACE, SCORE_OUTPUT, SLOT_OWNER
 from ..export.split_cache import CACHE_INPUTS, layer_input
-from ..runtime.cache import KVCache
 from .base import StepOutput, check_bound_cache, check_room, scoring_positions, slot_owners
+from .cache import KVCache
 
 NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 CACHE_DIR = ".ort"  # optimized models, inside the artifact directory they were made from

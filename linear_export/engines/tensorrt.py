@@ -17,8 +17,8 @@ from ..export.artifact import SCORE, STEP, STEP_DECODE, Artifact, load_artifact
 from ..export.onnx_step import SCORE_OUTPUT, SLOT_OWNER
 from ..export.split_cache import CACHE_INPUTS, layer_input
 from ..export.tensorrt import Profile, check_plan_compatible, require_tensorrt
-from ..runtime.cache import KVCache
 from .base import StepOutput, check_bound_cache, scoring_positions, slot_owners
+from .cache import KVCache
 
 
 @dataclass

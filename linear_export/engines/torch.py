@@ -7,8 +7,8 @@ import torch
 from ..models.attention import pool_args
 from ..models.families.llamagen import LlamaGenC2I
 from ..models.gpt import GPT
-from ..runtime.cache import KVCache
 from .base import StepOutput
+from .cache import KVCache
 
 
 class TorchEngine:
@@ -54,7 +54,7 @@ class TorchEngine:
                                     score_position_ids)
         self._cache_len.fill_(cache.cache_len)
         embeds = None if inputs_embeds is None else inputs_embeds.to(self.device, self.dtype)
-        pool = pool_args(cache.owner)
+        pool = pool_args(cache.shared_owner)
         if need_scores:
             logits, present_key, present_value, attn_mass = self.model.step(
                 input_ids, position_ids, cache.key, cache.value, self._cache_len,
@@ -70,4 +70,4 @@ class TorchEngine:
                    cache: KVCache) -> torch.Tensor:
         self._cache_len.fill_(cache.cache_len)
         return self.model.line_scores(line_query, score_shifts.to(self.device), cache.key,
-                                      self._cache_len, **pool_args(cache.owner))
+                                      self._cache_len, **pool_args(cache.shared_owner))

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..engines.base import Engine
-from ..runtime.cache import KVCache
+from ..engines.cache import KVCache
 from ..runtime.decode import decode_batches, to_uint8
 from ..runtime.generate import generate
 from ..runtime.policies import Policy, fit_policy

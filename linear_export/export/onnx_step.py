@@ -15,7 +15,6 @@ from ..models.attention import MAX_LOOKAHEAD, exporting_attention
 from ..models.gpt import (
     GPT,
     DecodeModule,
-    PooledStepModule,
     StepModule,
 )
 from .split_cache import CACHE_INPUTS, layer_input, split_cache_inputs
@@ -123,12 +122,13 @@ def export_step(
     }
     if not with_scores:
         del dynamic_shapes["score_position_ids"]
-    if not head_shared:
+    example = example_inputs(model, capacity, with_scores, head_shared)
+    if with_scores and not head_shared:  # StepModule's slot_owner: None, so no graph input
+        example = (*example[:5], None, *example[5:])
+        dynamic_shapes[SLOT_OWNER] = None
+    elif not head_shared:
         del dynamic_shapes[SLOT_OWNER]
-    if with_scores:
-        module = (PooledStepModule if head_shared else StepModule)(model, with_scores=True)
-    else:
-        module = DecodeModule(model)
+    module = StepModule(model, with_scores=True) if with_scores else DecodeModule(model)
     in_place = model.config.n_layer if not with_scores and attention == "gqa" else 0
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -138,7 +138,7 @@ def export_step(
         warnings.simplefilter("ignore", FutureWarning)
         torch.onnx.export(
             module.eval(),
-            example_inputs(model, capacity, with_scores, head_shared),
+            example,
             str(path),
             dynamo=True,
             opset_version=opset,
@@ -157,7 +157,11 @@ def export_step(
 
 def decode_kernel(requested: str, split_cache: bool, head_shared: bool) -> str:
     """The decode step's attention kernel: the fused one needs each layer's cache as its own
-    input (to update it in place) and no slot owners; otherwise the standard ops."""
+    input (to update it in place) and no slot owners; otherwise the standard ops.
+
+    Why a head-shared pool is a graph of its own and not the plain cache with identity
+    owners: models.attention.cached_attention (the owner mask costs ~Hkv x the attention and
+    the fused kernel)."""
     return requested if split_cache and not head_shared else "math"
 
 

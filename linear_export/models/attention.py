@@ -43,6 +43,12 @@ def cached_attention(
     host folds it per row exactly as without the pool. `with_mass=False`: no mass (None).
     """
     batch, n_head, steps, head_dim = q.shape
+    # Two graphs on purpose, though the host has one cache (a plain one is the pool whose
+    # owners are the identity, engines/cache.py): through the owner mask every head reads all
+    # Hkv * C slots of its layer, ~Hkv x the attention work of reading its own C, and the
+    # decode step cannot use ONNX Runtime's GroupQueryAttention, which runs in place on each
+    # kv head's own slots (decode_kernel). So slot_owner None exports a graph without it, and
+    # only a head-shared build (--head-shared) pays for the pool.
     if slot_owner is not None:
         live, past_key, past_value = _pooled(live, slot_owner, past_key, past_value)
     probs = _attention_probs(q, k, past_key, live, scale)

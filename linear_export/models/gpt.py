@@ -289,20 +289,19 @@ class GPT(nn.Module):
 
 
 class StepModule(nn.Module):
-    """The step as a module whose forward is the graph to export; optionally without scores."""
+    """The step as a module whose forward is the graph to export; optionally without scores.
+
+    `slot_owner` [L, B, Hkv, C] int64 is a head-shared pool's (an input after cache_len);
+    None for a plain cache, whose graph then has no such input. The scored variant takes
+    `score_position_ids` too (the graph's last input).
+    """
 
     def __init__(self, model: GPT, with_scores: bool = True):
         super().__init__()
         self.model, self.with_scores = model, with_scores
 
-    def forward(self, input_ids, position_ids, past_key, past_value, cache_len,
+    def forward(self, input_ids, position_ids, past_key, past_value, cache_len, slot_owner=None,
                 score_position_ids=None):
-        """The scored variant takes `score_position_ids` too (the graph's last input)."""
-        return self.run(input_ids, position_ids, past_key, past_value, cache_len, None,
-                        score_position_ids)
-
-    def run(self, input_ids, position_ids, past_key, past_value, cache_len, slot_owner,
-            score_position_ids):
         logits, present_key, present_value, attn_mass = self.model.step(
             input_ids, position_ids, past_key, past_value, cache_len,
             score_position_ids=score_position_ids if self.with_scores else None,
@@ -342,15 +341,6 @@ class ScoreModule(nn.Module):
     def forward(self, line_query, score_shifts, past_key, cache_len, slot_owner=None):
         return self.model.line_scores(line_query, score_shifts, past_key, cache_len,
                                       **pool_args(slot_owner))
-
-
-class PooledStepModule(StepModule):
-    """The step of a head-shared cache pool: `slot_owner` [L, B, Hkv, C] follows cache_len."""
-
-    def forward(self, input_ids, position_ids, past_key, past_value, cache_len, slot_owner,
-                score_position_ids=None):
-        return self.run(input_ids, position_ids, past_key, past_value, cache_len, slot_owner,
-                        score_position_ids)
 
 
 class EmbedsPrefillModule(nn.Module):

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..engines.cache import kv_bytes
 from ..models.configs import round_up
 from ..models.gpt import GPT
-from .cache import kv_bytes
 from .generate import check_class_ids
 from .sampling import SamplingConfig, guide, sample
 

@@ -10,11 +10,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..engines.base import Engine
+from ..engines.cache import CacheShape, KVCache
 from ..errors import UserError
 from ..models.configs import SequenceLayout
 from ..models.families.base import Family, PrefixGroup
-from ..models.families.llamagen import LlamaGenC2I
-from .cache import CacheShape, KVCache
 from .policies import Policy
 from .sampling import SamplingConfig, guide, sample
 
@@ -66,6 +65,30 @@ class _Stream:
     inputs_embeds: torch.Tensor | None = None
 
 
+@dataclass
+class _Loop:
+    """What one generate() call carries from step to step."""
+
+    engine: Engine
+    family: Family
+    lines: SequenceLayout  # the family's token layout: lines of w codes (+ end-of-line)
+    sampling: SamplingConfig
+    streams: list[_Stream]
+    generator: torch.Generator | list[torch.Generator]
+    tokens: torch.Tensor  # [B, h * w] what sampling chose
+    teacher: torch.Tensor | None  # [B, h * w] the codes fed instead, if any
+    nll_sums: torch.Tensor  # [B] float64, teacher-forced runs; read once, at the end
+    step_slots: torch.Tensor  # arange(image tokens) on the device: host->device once
+    evictions: int = 0  # line ends at which any prefix group's cache was compacted
+
+    def __post_init__(self):
+        self.batch = self.tokens.shape[0]
+        self.rows = sum(len(stream.group.rows) for stream in self.streams)
+        # One stream holding every row in order: its logits are the batch's as they are.
+        self.single = len(self.streams) == 1 and self.streams[0].group.rows == list(
+            range(self.rows))
+
+
 def _streams(engine: Engine, groups: list[PrefixGroup], policy: Policy,
              full_layout: SequenceLayout) -> list[_Stream]:
     config, device = engine.config, engine.device
@@ -91,7 +114,36 @@ def _streams(engine: Engine, groups: list[PrefixGroup], policy: Policy,
     return streams
 
 
-def _step(engine: Engine, stream: _Stream, query_index: int, group_size: int) -> torch.Tensor:
+def _generators(seed: int | Sequence[int], batch: int, device: torch.device):
+    """One generator for the batch, or one per condition (an image's draws then do not
+    depend on which other images share its batch)."""
+    if isinstance(seed, int):
+        return torch.Generator(device=device).manual_seed(seed)
+    if len(seed) != batch:
+        raise ValueError(f"{len(seed)} seeds for {batch} conditions; give one per condition")
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seed]
+
+
+def _begin(engine: Engine, family: Family, class_ids: Sequence, policy: Policy,
+           sampling: SamplingConfig, seed, teacher_tokens: torch.Tensor | None) -> _Loop:
+    """Check the policy against the family's lines; one stream (and cache) per prefix group."""
+    lines = family.token_layout(engine.layout)
+    if (policy.layout.height, policy.layout.width) != (lines.height, lines.width):
+        raise ValueError(f"the policy is bound to {policy.layout.height} lines of "
+                         f"{policy.layout.width} tokens, the model's lines are {lines.height} x "
+                         f"{lines.width}; build it on family.token_layout(layout)")
+    device, batch, codes = engine.device, len(class_ids), engine.layout.image_tokens
+    groups = family.prefix_groups(list(class_ids), sampling.uses_cfg, device)
+    if teacher_tokens is not None:
+        teacher_tokens = teacher_tokens.reshape(batch, codes).to(device)
+    return _Loop(engine, family, lines, sampling, _streams(engine, groups, policy, lines),
+                 _generators(seed, batch, device),
+                 torch.zeros(batch, codes, dtype=torch.long, device=device), teacher_tokens,
+                 torch.zeros(batch, dtype=torch.float64, device=device),
+                 torch.arange(lines.image_tokens, device=device))
+
+
+def _step(engine: Engine, stream: _Stream, query_index: int) -> torch.Tensor:
     """Run one step of a stream, append its keys and values, keep what the policy scores
     with (LineAR: the query; H2O: the mass); returns the step's logits."""
     policy = stream.policy
@@ -108,11 +160,26 @@ def _step(engine: Engine, stream: _Stream, query_index: int, group_size: int) ->
                         "(fp16 overflow?); rebuild or run with --dtype fp32 or bf16.")
     stream.cache.append(out.present_key, out.present_value, stream.slots)
     if need_mass:  # fold query heads onto the kv head they read from
+        group_size = engine.config.n_head // engine.config.kv_heads
         stream.scores += out.attn_mass.view(*stream.scores.shape[:3], group_size, -1).sum(3)
     slot = policy.query_slot(query_index) if query_index >= 0 else None
     if slot is not None:
         stream.line_queries[:, :, :, slot] = out.present_query[:, :, :, -1]
     return out.logits
+
+
+def _decode(loop: _Loop, index: int) -> torch.Tensor:
+    """Step `index` of every stream (0: the prefill of each group's prefix; then image token
+    index - 1 is read and its query kept); the logits of all rows [rows, V]."""
+    if loop.single:
+        return _step(loop.engine, loop.streams[0], index - 1)
+    logits = None
+    for stream in loop.streams:
+        step_logits = _step(loop.engine, stream, index - 1)
+        if logits is None:
+            logits = step_logits.new_empty(loop.rows, step_logits.shape[-1])
+        logits[stream.rows] = step_logits
+    return logits
 
 
 def _end_line(engine: Engine, stream: _Stream, finished_line: int, cfg: bool) -> bool:
@@ -126,19 +193,71 @@ def _end_line(engine: Engine, stream: _Stream, finished_line: int, cfg: bool) ->
             (finished_line + 1) * policy.layout.width - 1):
         shifts = policy.score_shifts(finished_line) or [0]
         scores = engine.score_line(stream.line_queries, torch.tensor(shifts), cache)
-    live_scores = scores[..., :live] if scores is not None else None
-    per_slot = () if stream.scores is None else (stream.scores,)  # H2O's sums move along
-    if cache.owner is not None:
-        keep = policy.select_pooled(cache.positions[..., :live], cache.owner[..., :live],
-                                    live_scores, finished_line, cfg)
-        if keep is not None:
-            cache.compact_pooled(keep, *per_slot)
-    else:
-        keep = policy.select(cache.positions[..., :live], live_scores,
-                             finished_line=finished_line, cfg=cfg)
-        if keep is not None:
-            cache.compact(keep, *per_slot)
+    keep = policy.select(cache.positions[..., :live],
+                         None if scores is None else scores[..., :live], finished_line, cfg,
+                         owner=cache.owner[..., :live] if cache.head_shared else None)
+    if keep is not None:
+        cache.compact(keep, *(() if stream.scores is None else (stream.scores,)))  # H2O's sums
     return keep is not None
+
+
+def _end_lines(loop: _Loop, finished_line: int,
+               on_line_end: Callable[[int, KVCache], None] | None) -> None:
+    """Every stream's line-end eviction, then what the caller sees of its cache."""
+    evicted = False
+    for stream in loop.streams:
+        evicted |= _end_line(loop.engine, stream, finished_line, loop.sampling.uses_cfg)
+        if on_line_end is not None:
+            on_line_end(finished_line, stream.cache)
+    loop.evictions += evicted
+
+
+def _next_token(loop: _Loop, index: int, logits: torch.Tensor) -> torch.Tensor:
+    """Image token `index` of every condition [B]: sampled from the guided logits (or the
+    teacher's, whose NLL is summed), or the family's forced token (end of line)."""
+    layout, sampling = loop.engine.layout, loop.sampling
+    line, column = divmod(index, loop.lines.width)
+    forced = loop.family.forced_token(column, layout.width)
+    if forced is not None:
+        return torch.full((loop.batch,), forced, dtype=torch.long, device=loop.tokens.device)
+    code_index = line * layout.width + column
+    guided = guide(logits, sampling.cfg_scale) if sampling.uses_cfg else logits
+    next_token = sample(guided, sampling, loop.generator)
+    loop.tokens[:, code_index] = next_token
+    if loop.teacher is not None:
+        next_token = loop.teacher[:, code_index]
+        log_probs = torch.log_softmax(guided.float(), dim=-1)
+        loop.nll_sums -= log_probs.gather(1, next_token[:, None])[:, 0].double()
+    return loop.family.feed_ids(next_token)
+
+
+def _feed(loop: _Loop, index: int, feed: torch.Tensor) -> None:
+    """Token `index` is what every row of its image (cond and uncond alike) reads next."""
+    for stream in loop.streams:
+        stream.input_ids = feed[stream.rows % loop.batch][:, None]
+        position = stream.group.image_position + index
+        stream.positions = torch.full_like(stream.input_ids, position)
+        stream.slots = loop.step_slots[index: index + 1] + stream.group.prefix  # no copy
+        stream.inputs_embeds = None
+
+
+def _result(loop: _Loop, policy: Policy, seconds: float) -> GenerationResult:
+    config, layout, lines, batch = loop.engine.config, loop.engine.layout, loop.lines, loop.batch
+    stats = GenerationStats(
+        images=batch,
+        seconds_generate=seconds,
+        steps=lines.image_tokens,
+        evictions=loop.evictions,
+        kv_capacity=policy.capacity,
+        kv_bytes=sum(stream.cache.nbytes for stream in loop.streams),
+        full_kv_bytes=CacheShape(config.n_layer, loop.rows, config.kv_heads, lines.length,
+                                 config.head_dim).nbytes(loop.engine.dtype),
+        peak_cache_len=max(stream.cache.peak_len for stream in loop.streams),
+    )
+    if loop.teacher is not None:
+        per_image = (loop.nll_sums / layout.image_tokens).tolist()
+        stats.nll_per_token, stats.nll_per_image = sum(per_image) / batch, per_image
+    return GenerationResult(loop.tokens.view(batch, layout.height, layout.width).cpu(), stats)
 
 
 def generate(
@@ -153,6 +272,7 @@ def generate(
     on_line_end: Callable[[int, KVCache], None] | None = None,
     family: Family | None = None,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
+    on_line: Callable[[int, int], None] | None = None,
 ) -> GenerationResult:
     """Generate one image per condition, keeping the cache within the policy's capacity.
 
@@ -162,101 +282,32 @@ def generate(
     `teacher_tokens` [B, h, w] the loop feeds those codes instead of sampling (the result's
     tokens are still what sampling chose) and reports their mean negative log-likelihood
     under the (guided) logits. `on_line_end(line, cache)` sees each cache after each
-    line-end eviction; `on_step(index, logits)` sees each step's unguided logits [rows, K].
+    line-end eviction; `on_step(index, logits)` sees each step's unguided logits [rows, K];
+    `on_line(line, lines)` is told each line that is done (progress).
     `seed` one per condition gives each image its own sampling generator: an image's draws
     then do not depend on which other images share its batch.
     """
-    config, layout = engine.config, engine.layout
-    family = family or getattr(engine, "family", None) or LlamaGenC2I.for_model(config, layout)
-    lines = family.token_layout(layout)
-    if (policy.layout.height, policy.layout.width) != (lines.height, lines.width):
-        raise ValueError(f"the policy is bound to {policy.layout.height} lines of "
-                         f"{policy.layout.width} tokens, the model's lines are {lines.height} x "
-                         f"{lines.width}; build it on family.token_layout(layout)")
-    device, batch = engine.device, len(class_ids)
-    groups = family.prefix_groups(list(class_ids), sampling.uses_cfg, device)
-    streams = _streams(engine, groups, policy, lines)
-    rows = sum(len(group.rows) for group in groups)
-    full_bytes = CacheShape(config.n_layer, rows, config.kv_heads, lines.length,
-                            config.head_dim).nbytes(engine.dtype)
-    if isinstance(seed, int):
-        generator = torch.Generator(device=device).manual_seed(seed)
-    elif len(seed) != batch:
-        raise ValueError(f"{len(seed)} seeds for {batch} conditions; give one per condition")
-    else:
-        generator = [torch.Generator(device=device).manual_seed(int(s)) for s in seed]
-    tokens = torch.zeros(batch, layout.image_tokens, dtype=torch.long, device=device)
-    group_size = config.n_head // config.kv_heads
-    evictions = 0
-    nll_sums = torch.zeros(batch, dtype=torch.float64, device=device)  # read once, at the end
-    if teacher_tokens is not None:
-        teacher_tokens = teacher_tokens.reshape(batch, layout.image_tokens).to(device)
-    single = len(streams) == 1 and streams[0].group.rows == list(range(rows))
-
-    step_slots = torch.arange(lines.image_tokens, device=device)  # host->device once
+    loop = _begin(engine, family or engine.family, class_ids, policy, sampling, seed,
+                  teacher_tokens)
+    lines = loop.lines
     started = time.perf_counter()
     bar = tqdm(total=lines.height, unit="line", disable=not progress, leave=False)
-    # Prefill feeds each group's prefix; then one step per image-region token (the last one
-    # is never fed): step `index` reads token index - 1, the query of image token index - 1.
-    # Lines are `lines.width` tokens: the image codes plus any end-of-line.
+
+    def line_done(line: int) -> None:
+        bar.update(1)
+        if on_line is not None:
+            on_line(line, lines.height)
+
+    # Step 0 feeds each group's prefix; step `index` then reads image token index - 1 (the
+    # last one is never fed). A line is `lines.width` tokens: the codes plus any end-of-line.
     for index in range(lines.image_tokens):
-        logits, evicted = None, False
-        line_end = index > 0 and index % lines.width == 0  # line index // L - 1 is now cached
-        for stream in streams:
-            step_logits = _step(engine, stream, index - 1, group_size)
-            if line_end:
-                finished = index // lines.width - 1
-                evicted |= _end_line(engine, stream, finished, sampling.uses_cfg)
-                if on_line_end is not None:
-                    on_line_end(finished, stream.cache)
-            if single:
-                logits = step_logits
-            else:
-                if logits is None:
-                    logits = torch.empty(rows, step_logits.shape[-1], dtype=step_logits.dtype,
-                                         device=device)
-                logits[stream.rows] = step_logits
-        evictions += evicted  # line ends at which any prefix group's cache was compacted
-        if line_end:
-            bar.update(1)
+        logits = _decode(loop, index)
+        if index > 0 and index % lines.width == 0:  # line index // width - 1 is now cached
+            _end_lines(loop, index // lines.width - 1, on_line_end)
+            line_done(index // lines.width - 1)
         if on_step is not None:
             on_step(index, logits)
-        line, column = divmod(index, lines.width)
-        forced = family.forced_token(column, layout.width)
-        if forced is None:
-            code_index = line * layout.width + column
-            guided = guide(logits, sampling.cfg_scale) if sampling.uses_cfg else logits
-            next_token = sample(guided, sampling, generator)
-            tokens[:, code_index] = next_token
-            if teacher_tokens is not None:
-                next_token = teacher_tokens[:, code_index]
-                log_probs = torch.log_softmax(guided.float(), dim=-1)
-                nll_sums -= log_probs.gather(1, next_token[:, None])[:, 0].double()
-            feed = family.feed_ids(next_token)
-        else:
-            feed = torch.full((batch,), forced, dtype=torch.long, device=device)
-        # Feed token `index` to every row of its image (cond and uncond alike).
-        for stream in streams:
-            stream.input_ids = feed[stream.rows % batch][:, None]
-            position = stream.group.image_position + index
-            stream.positions = torch.full_like(stream.input_ids, position)
-            stream.slots = step_slots[index: index + 1] + stream.group.prefix  # no copy
-            stream.inputs_embeds = None
-    bar.update(1)
+        _feed(loop, index, _next_token(loop, index, logits))
+    line_done(lines.height - 1)
     bar.close()
-    seconds = time.perf_counter() - started
-
-    stats = GenerationStats(
-        images=batch,
-        seconds_generate=seconds,
-        steps=lines.image_tokens,
-        evictions=evictions,
-        kv_capacity=policy.capacity,
-        kv_bytes=sum(stream.cache.nbytes for stream in streams),
-        full_kv_bytes=full_bytes,
-        peak_cache_len=max(stream.cache.peak_len for stream in streams),
-    )
-    if teacher_tokens is not None:
-        per_image = (nll_sums / layout.image_tokens).tolist()
-        stats.nll_per_token, stats.nll_per_image = sum(per_image) / batch, per_image
-    return GenerationResult(tokens.view(batch, layout.height, layout.width).cpu(), stats)
+    return _result(loop, policy, time.perf_counter() - started)

@@ -238,35 +238,42 @@ class Policy:
         queries = self.config.score_queries or width
         return evicts_at_line_end and image_index % width >= width - queries
 
-    def select(
-        self, positions: torch.Tensor, scores: torch.Tensor | None, finished_line: int, cfg: bool
-    ) -> torch.Tensor | None:
-        """Slots to keep [L, B, Hkv, K] among the live ones (ascending), or None to keep all.
+    def select(self, positions: torch.Tensor, scores: torch.Tensor | None, finished_line: int,
+               cfg: bool, owner: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Slots to keep among the live ones, ascending, in KVCache.compact's form; None: all.
 
-        positions: the sequence position each live slot holds, [L, B, Hkv, n];
-        scores: attention mass per live slot (same shape), for score-based policies.
+        positions, scores, owner: [L, B, Hkv, n] over the live slots: the sequence position
+        each holds, the attention mass it received (score-based policies), the kv head whose
+        keys it holds. Each kv head keeps the prefix and `budget` image tokens, or with
+        `head_budgets` its own count, of the layer's Hkv * n slots: [L, B, Hkv * K]
+        (_select_per_owner).
+
+        `owner` None is a plain cache, the pool whose owners are the identity and whose heads
+        all keep one count: there the per-owner ranking is each row's own, and a top-k per
+        row finds it, [L, B, Hkv, K] (row r's own slots). Measured (GPT-B 256 px, 12 layers
+        x 16 rows x 12 heads x 81 slots, one thread): 5 ms per line end this way, 14 ms
+        through the per-owner ranking (two sorts over the layer's pool), so the plain cache
+        keeps the shortcut.
         """
         if positions.shape[-1] - self.layout.prefix <= self.budget:
             return None
-        priority = self.priority(positions, scores, finished_line, cfg)
+        priority = self.priority(positions, scores, finished_line, cfg, owner)
+        if owner is not None:
+            return self._select_per_owner(priority, owner, finished_line)
         keep = torch.topk(priority, self.layout.prefix + self.budget, dim=-1, sorted=False).indices
         return keep.sort(dim=-1).values
 
-    def select_pooled(self, positions: torch.Tensor, owner: torch.Tensor, scores: torch.Tensor,
-                      finished_line: int, cfg: bool) -> torch.Tensor | None:
-        """Slots to keep [L, B, Hkv * K] of a head-shared pool, ascending, or None to keep all:
-        each kv head keeps its own count (`head_budgets`), the layer keeps Hkv * K in all.
+    def _select_per_owner(self, priority: torch.Tensor, owner: torch.Tensor,
+                          finished_line: int) -> torch.Tensor:
+        """[L, B, Hkv * K] of a head-shared pool's live slots (row r's slot c is r * n + c):
+        each kv head keeps its own count (`head_budgets`), the layer Hkv * K in all.
 
-        positions, owner, scores: [L, B, Hkv, n] over the live slots; row r's slot c is
-        r * n + c in the result. A head that owns fewer slots than its count keeps them all,
-        and the layer's remaining slots go to the best of the other heads' slots.
+        A head that owns fewer slots than its count keeps them all, and the layer's remaining
+        slots go to the best of the other heads' slots. Without head_budgets every head's
+        count is the budget.
         """
-        layout = self.layout
-        if positions.shape[-1] - layout.prefix <= self.budget:
-            return None
-        heads = positions.shape[2]
-        priority = self.priority(positions, scores, finished_line, cfg, owner).flatten(2)
-        owner = owner.flatten(2)
+        layout, heads = self.layout, priority.shape[2]
+        priority, owner = priority.flatten(2), owner.flatten(2)
         # Each slot's rank among its owner's slots: order by priority, then (stably) by owner.
         order = torch.sort(priority, dim=-1, descending=True, stable=True).indices
         order = order.gather(-1, torch.sort(owner.gather(-1, order), dim=-1, stable=True).indices)
@@ -276,7 +283,9 @@ class Policy:
         grouped_rank = torch.arange(owner.shape[-1], device=owner.device) - first.gather(
             -1, grouped_owner)
         rank = torch.empty_like(grouped_rank).scatter_(-1, order, grouped_rank)
-        counts = self.config.head_budgets[finished_line].to(owner.device) + layout.prefix
+        table = self.config.head_budgets
+        counts = (torch.full((priority.shape[0], heads), self.budget, device=owner.device)
+                  if table is None else table[finished_line].to(owner.device)) + layout.prefix
         counts = counts[:, None, :].expand(*owner.shape[:2], heads)
         chosen = rank < counts.gather(-1, owner)
         total = heads * (layout.prefix + self.budget)

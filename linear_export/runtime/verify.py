@@ -12,7 +12,7 @@ from polygraphy.comparator import IterationResult, SimpleCompareFunc
 from polygraphy.logger import G_LOGGER
 
 from ..engines.base import Engine, StepOutput
-from .cache import KVCache
+from ..engines.cache import KVCache
 from .generate import generate
 from .policies import Policy
 from .sampling import SamplingConfig, guide

@@ -29,31 +29,37 @@ class CacheShape:
 
 
 class KVCache:
-    """Keys (post-RoPE) and values [L, B, Hkv, C, D], plus the sequence position each slot holds.
+    """Keys (post-RoPE) and values [L, B, Hkv, C, D], the sequence position each slot holds
+    and its owner: the kv head whose keys it holds.
 
     Slots [0, cache_len) are live and `cache_len` is the same for every (layer, row, head):
     every eviction keeps the same number of slots everywhere and compacts them to the front,
-    so new tokens always land at `cache_len`.
+    so new tokens always land at `cache_len`, in their own head's row.
 
-    With `head_shared`, the kv heads of a layer share its Hkv * C slots: `owner` [L, B, Hkv, C]
-    says whose keys each slot holds, so one head may keep more than C slots and another
-    fewer (`compact_pooled`). New tokens still land in their own head's row.
+    One mechanism for both layouts: a plain cache is the pool whose owners are the identity
+    (row r's slots are head r's), held as a stride-0 view, never allocated or moved. With
+    `head_shared`, the kv heads of a layer share its Hkv * C slots and the owners are a real
+    tensor, so one head may keep more than C slots and another fewer.
     """
 
     def __init__(self, shape: CacheShape, dtype: torch.dtype, device: str | torch.device = "cpu",
                  head_shared: bool = False):
-        self.shape, self.dtype = shape, dtype
+        self.shape, self.dtype, self.head_shared = shape, dtype, head_shared
         dims = (shape.n_layer, shape.batch, shape.n_kv_head, shape.capacity)
         self.key = torch.zeros(*dims, shape.head_dim, dtype=dtype, device=device)
         self.value = torch.zeros_like(self.key)
         self.positions = torch.full(dims, -1, dtype=torch.long, device=device)
-        self.owner = None
-        if head_shared:
-            rows = torch.arange(shape.n_kv_head, device=device).view(1, 1, -1, 1)
-            self.owner = rows.expand(dims).contiguous()
+        rows = torch.arange(shape.n_kv_head, device=device).view(1, 1, -1, 1)
+        self.owner = rows.expand(dims).contiguous() if head_shared else rows.expand(dims)
         self.cache_len = 0
         self.peak_len = 0
         self._scratch: torch.Tensor | None = None  # compaction's, one layer (_move_slots)
+
+    @property
+    def shared_owner(self) -> torch.Tensor | None:
+        """What a head-shared step graph's slot_owner input reads; None for a plain cache, whose
+        step is the other graph (models.attention.cached_attention says why there are two)."""
+        return self.owner if self.head_shared else None
 
     @property
     def capacity(self) -> int:
@@ -82,17 +88,42 @@ class KVCache:
         self.peak_len = max(self.peak_len, end)
 
     def compact(self, keep: torch.Tensor, *per_slot: torch.Tensor) -> None:
-        """Keep slots `keep` [L, B, Hkv, K] (indices into the live slots), moved to the front.
+        """Keep the live slots `keep`, moved to the front, each with its owner.
 
-        `per_slot` tensors [L, B, Hkv, C] (e.g. accumulated scores) are compacted the same way,
-        in place. One gather per tensor; runs once per image line, not per step.
+        `keep` [L, B, Hkv * K]: indices into a layer's live slots read row by row (row r's
+        slot c is r * cache_len + c), in any mix of owners (a head-shared cache only); they
+        are laid out row by row again, K per row. `keep` [L, B, Hkv, K]: each row keeps K of
+        its own slots (indices into them), the same thing with the identity's owners.
+        `per_slot` tensors [L, B, Hkv, C] (e.g. accumulated scores) move the same way, in
+        place. One gather per tensor; runs once per image line, not per step.
         """
-        kept = keep.shape[-1]
-        rows = torch.arange(self.shape.batch * self.shape.n_kv_head, device=keep.device)
-        self._move_slots(rows.view(1, *keep.shape[1:3], 1) * self.capacity + keep)
-        for tensor in (self.positions, *per_slot):
-            tensor[..., :kept] = torch.gather(tensor[..., : self.cache_len], 3, keep)
-            tensor[..., kept:] = -1 if tensor is self.positions else 0
+        batch, heads, live = self.shape.batch, self.shape.n_kv_head, self.cache_len
+        if keep.dim() == 4:  # each row's own slots: its row is known, no integer division
+            kept = keep.shape[-1]
+            rows = torch.arange(batch * heads, device=keep.device).view(1, batch, heads, 1)
+            offsets = rows * self.capacity + keep
+
+            def take(tensor: torch.Tensor) -> torch.Tensor:
+                return torch.gather(tensor[..., :live], 3, keep)
+        elif not self.head_shared:
+            raise ValueError("slots kept across rows need a cache made with head_shared=True")
+        elif keep.shape[-1] % heads:
+            raise ValueError(f"{keep.shape[-1]} kept slots do not fill {heads} rows evenly")
+        else:
+            kept = keep.shape[-1] // heads
+            rows = torch.arange(batch, device=keep.device).view(1, -1, 1) * heads + keep // live
+            offsets = (rows * self.capacity + keep % live).unflatten(2, (heads, kept))
+
+            def take(tensor: torch.Tensor) -> torch.Tensor:
+                pool = tensor[..., :live].flatten(2, 3)
+                return torch.gather(pool, 2, keep).unflatten(2, (heads, kept))
+        self._move_slots(offsets)
+        for tensor in (self.positions, *per_slot) + ((self.owner,) if self.head_shared else ()):
+            tensor[..., :kept] = take(tensor)
+            if tensor is self.owner:  # new tokens land in their own head's row
+                tensor[..., kept:] = torch.arange(heads, device=tensor.device)[:, None]
+            else:
+                tensor[..., kept:] = -1 if tensor is self.positions else 0
         self.cache_len = kept
 
     def _move_slots(self, offsets: torch.Tensor) -> None:
@@ -113,29 +144,3 @@ class KVCache:
             for layer, flat in zip(cache, offsets, strict=True):
                 torch.index_select(layer.view(-1, dim), 0, flat.reshape(-1), out=scratch)
                 layer[:, :, :kept].copy_(scratch.view(*flat.shape, dim))
-
-    def compact_pooled(self, keep: torch.Tensor, *per_slot: torch.Tensor) -> None:
-        """Keep slots `keep` [L, B, Hkv * K] of the head-shared pool, moved to the front.
-
-        `keep` indexes a layer's live slots read row by row (row r's slot c is r * cache_len
-        + c), in any mix of owners; they are laid out row by row again, K per row, and each
-        keeps its owner. `per_slot` tensors [L, B, Hkv, C] move the same way.
-        """
-        if self.owner is None:
-            raise ValueError("compact_pooled needs a cache made with head_shared=True")
-        heads, live = self.shape.n_kv_head, self.cache_len
-        if keep.shape[-1] % heads:
-            raise ValueError(f"{keep.shape[-1]} kept slots do not fill {heads} rows evenly")
-        kept = keep.shape[-1] // heads
-        batch = torch.arange(self.shape.batch, device=keep.device).view(1, -1, 1) * heads
-        offsets = (batch + keep // live) * self.capacity + keep % live
-        self._move_slots(offsets.unflatten(2, (heads, kept)))
-        for tensor in (self.positions, self.owner, *per_slot):
-            pool = tensor[..., :live].flatten(2, 3)
-            tensor[..., :kept] = torch.gather(pool, 2, keep).unflatten(2, (heads, kept))
-            if tensor is self.owner:  # new tokens land in their own head's row
-                tensor[..., kept:] = torch.arange(heads, device=tensor.device)[:, None]
-            else:
-                tensor[..., kept:] = -1 if tensor is self.positions else 0
-        self.cache_len = kept
-
