@@ -64,39 +64,19 @@ def generate(engine: Engine, conditions: Sequence, policy: Policy,
         raise UserError(f"{len(seed)} seeds for {len(conditions)} conditions; give one seed "
                         "or one per condition.")
     starts = range(0, len(conditions), batch_size)
-    lines = _LineCounter(on_line, engine.layout.height, len(starts))
     results = []
-    for start in starts:
+    for batch, start in enumerate(starts):
         batch_seed = seed + start if isinstance(seed, int) else seed[start:start + batch_size]
+        follow = None if on_line is None else (
+            lambda line, lines, batch=batch: on_line(batch * lines + line + 1,
+                                                     len(starts) * lines))
         results.append(run_generation(engine, conditions[start:start + batch_size], policy,
                                       sampling, seed=batch_seed, progress=progress,
-                                      on_line_end=lines.line_end if on_line else None))
-        lines.batch_done()
+                                      on_line=follow))
     tokens = np.concatenate([result.tokens.numpy() for result in results])
     images = None if decoder is None else decode_tokens(decoder, torch.from_numpy(tokens))
     return Generation(conditions, tokens, images, _stats(engine, policy, sampling, results,
                                                           batch_size), seed)
-
-
-class _LineCounter:
-    """Calls on_line(done, total) once per finished line of every batch: the loop's
-    on_line_end runs once per prefix group and not after the last line."""
-
-    def __init__(self, on_line: OnLine | None, lines: int, batches: int):
-        self.on_line, self.lines, self.total = on_line, lines, lines * batches
-        self.done, self.batches = 0, 0
-
-    def line_end(self, line: int, cache) -> None:
-        self._advance(self.batches * self.lines + line + 1)
-
-    def batch_done(self) -> None:
-        self.batches += 1
-        self._advance(self.batches * self.lines)
-
-    def _advance(self, done: int) -> None:
-        if self.on_line is not None and done > self.done:
-            self.done = done
-            self.on_line(done, self.total)
 
 
 def describe(engine: Engine) -> dict:
