@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import inspect
 import json
 import os
 import time
@@ -24,14 +23,19 @@ from ..export.artifact import (
     tool_versions,
 )
 from ..export.onnx_step import DEFAULT_OPSET
-from ..models import SequenceLayout, get_config, init_weights
-from ..models.families import HF_FAMILIES, check_family, hf_weights_record, load_step_model
+from ..models import SequenceLayout, get_config
+from ..models.families import (
+    HF_FAMILIES,
+    check_family,
+    load_step_model,
+    random_std,
+    weights_record,
+)
 from ..outputs import clear_write_errors
 from ..runtime.policies import Policy
 from ..runtime.policy_spec import make_policy as layout_policy
 from .models import CHAMELEON_VQ, ModelSource, load_vq_decoder
 
-RANDOM_STD = inspect.signature(init_weights).parameters["std"].default  # as load_gpt
 Log = Callable[[str], None]
 
 
@@ -110,14 +114,10 @@ def _check(source: ModelSource, out: Path, options: BuildOptions, force: bool) -
 
 def _weights_record(source: ModelSource, stage: Log) -> dict:
     """How verify rebuilds the reference: the checkpoint's hash, or the random init's seed."""
-    if source.family in HF_FAMILIES:
-        stage("hashing the model directory (recorded so verify can rebuild the reference)")
-        return hf_weights_record(source.family, source.checkpoint)
-    if source.checkpoint is None:
-        return {"source": "random", "seed": source.seed, "std": RANDOM_STD}
-    stage("hashing the checkpoint (recorded so verify can rebuild the reference)")
-    return {"source": "checkpoint", "path": str(Path(source.checkpoint).resolve()),
-            "sha256": sha256_file(Path(source.checkpoint))}
+    if source.checkpoint is not None:
+        what = "model directory" if source.family in HF_FAMILIES else "checkpoint"
+        stage(f"hashing the {what} (recorded so verify can rebuild the reference)")
+    return weights_record(source.family, source.checkpoint, source.seed)
 
 
 def _export(source: ModelSource, out: Path, options: BuildOptions, force: bool,
@@ -177,7 +177,7 @@ def cached_artifact(source: ModelSource, policy: Policy, rows: int,
                             "a .pt or .safetensors file.")
         weights = f"sha256:{sha256_file(Path(source.checkpoint))}"
     else:
-        weights = f"random:{source.seed}:{RANDOM_STD}"
+        weights = f"random:{source.seed}:{random_std()}"
     max_batch = max(64, rows)
     key = {"weights": weights, "model": source.model, "image_size": source.image_size,
            "dtype": source.dtype, "capacity": policy.capacity, "max_batch": max_batch,

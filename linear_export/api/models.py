@@ -13,6 +13,7 @@ from ..models import get_config
 from ..models.chameleon_vq import NAME as CHAMELEON_VQ
 from ..models.configs import GPTConfig
 from ..models.families import FAMILIES, check_family, load_step_model
+from ..models.families.llamagen import check_class_ids
 
 DEFAULT_CFG_SCALE = 4.0  # LlamaGen's sample_c2i default
 # Measured on the demo GPT (40 samples, bundled classifier): class accuracy 52% at CFG 1, 42%
@@ -115,8 +116,6 @@ def parse_classes(text: str, num_classes: int) -> list[int]:
                         "207,360,387.") from None
     if not classes:
         raise UserError("--classes is empty; give at least one class id such as 207.")
-    from ..runtime.generate import check_class_ids
-
     check_class_ids(classes, num_classes)
     return classes
 

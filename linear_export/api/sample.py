@@ -29,9 +29,10 @@ from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
+from ..engines import ENGINES
 from ..errors import UserError
+from ..models.families.llamagen import check_class_ids
 from ..outputs import json_bytes, write_atomic
-from ..runtime.generate import check_class_ids
 from ..runtime.sampling import SamplingConfig
 from .engines import open_engine, open_source
 from .models import ModelSource, load_source, load_vq_decoder
@@ -134,8 +135,8 @@ def resolve(spec: SampleSpec) -> SampleSpec:
     if ":" in spec.policy:
         name, budget = spec.policy.split(":", 1)
         spec = replace(spec, policy=name, budget=budget)
-    if spec.engine not in ("torch", "ort", "tensorrt"):
-        raise UserError(f"Unknown engine '{spec.engine}'; choose one of: torch, ort, tensorrt.")
+    if spec.engine not in ENGINES:
+        raise UserError(f"Unknown engine '{spec.engine}'; choose one of: {', '.join(ENGINES)}.")
     if spec.cpu_threads < 1:
         raise UserError(f"--cpu-threads {spec.cpu_threads} must be at least 1.")
     if spec.per_class < 1:

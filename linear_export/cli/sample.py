@@ -10,6 +10,7 @@ from click.core import ParameterSource
 
 from ..api.sample import DEFAULT_SHARD_SIZE, SampleSpec
 from ..api.sample import sample as run_sample
+from ..engines import ENGINES
 from ..errors import UserError
 from .options import model_options, policy_options
 
@@ -32,7 +33,7 @@ def _classes(text: str | None) -> tuple[int, ...]:
 @policy_options
 @click.option("--family", default="llamagen", show_default=True,
               help="Model family (llamagen class-conditional only for now).")
-@click.option("--engine", "engine_name", type=click.Choice(["torch", "ort", "tensorrt"]),
+@click.option("--engine", "engine_name", type=click.Choice(ENGINES),
               default="torch", show_default=True, help="Engine that runs the decode step.")
 @click.option("--artifact", "artifact_dir", type=click.Path(file_okay=False), default=None,
               help="ort/tensorrt: a built artifact directory [default for ort: build one from "

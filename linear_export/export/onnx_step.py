@@ -123,11 +123,11 @@ def export_step(
     if not with_scores:
         del dynamic_shapes["score_position_ids"]
     example = example_inputs(model, capacity, with_scores, head_shared)
-    if with_scores and not head_shared:  # StepModule's slot_owner: None, so no graph input
-        example = (*example[:5], None, *example[5:])
-        dynamic_shapes[SLOT_OWNER] = None
-    elif not head_shared:
+    if not head_shared:  # StepModule's slot_owner stays None: no such graph input
         del dynamic_shapes[SLOT_OWNER]
+    keywords = {}
+    if with_scores:  # by name, so a plain cache's step can leave slot_owner out
+        *example, keywords["score_position_ids"] = example
     module = StepModule(model, with_scores=True) if with_scores else DecodeModule(model)
     in_place = model.config.n_layer if not with_scores and attention == "gqa" else 0
     path = Path(path)
@@ -138,8 +138,9 @@ def export_step(
         warnings.simplefilter("ignore", FutureWarning)
         torch.onnx.export(
             module.eval(),
-            example,
+            tuple(example),
             str(path),
+            kwargs=keywords,
             dynamo=True,
             opset_version=opset,
             input_names=list(input_names(with_scores, head_shared)),

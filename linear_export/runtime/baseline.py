@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from ..engines.cache import kv_bytes
 from ..models.configs import round_up
+from ..models.families.llamagen import check_class_ids
 from ..models.gpt import GPT
-from .generate import check_class_ids
 from .sampling import SamplingConfig, guide, sample
 
 

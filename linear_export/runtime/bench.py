@@ -21,8 +21,9 @@ from typing import ClassVar
 
 from tqdm.auto import tqdm
 
+from ..engines import ENGINES
 from ..errors import UserError
-from .policy_spec import KNOBS, parse_policy  # noqa: F401  (where cli/bench reads them)
+from ..export.quantize import WEIGHT_FORMATS
 
 BASELINE = "baseline"  # the project's stand-in for LlamaGen's loop (runtime.baseline)
 ORIGINAL = "llamagen"  # LlamaGen's own generate() from --llamagen-src (runtime.original)
@@ -33,8 +34,9 @@ SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, 
               "tb": 10**12}
 MAX_CONFIRM_TRIES = 3
 # ort-int8 / ort-int4: the ort engine on an artifact built with those weights (build --weights)
-KNOWN_ENGINES = ("torch", "ort", "ort-int8", "ort-int4", "tensorrt")
-ARTIFACT_ENGINES = ("ort", "ort-int8", "ort-int4", "tensorrt")  # run artifacts, not weights
+QUANTIZED_ORT = tuple(f"ort-{name}" for name in WEIGHT_FORMATS if name != "fp32")
+KNOWN_ENGINES = (*ENGINES, *QUANTIZED_ORT)
+ARTIFACT_ENGINES = tuple(name for name in KNOWN_ENGINES if name != "torch")  # run artifacts
 
 
 def engine_parts(engine: str) -> tuple[str, str]:
@@ -299,7 +301,6 @@ def max_batch(config: BenchConfig, engine: str, policy: str, known: dict[int, Me
 
 def available_engines(spec: str, device: str) -> tuple[list[str], dict[str, str]]:
     """The requested engines that can run here, and why each of the others is skipped."""
-    from ..engines import ENGINES
 
     names = [name.strip() for name in spec.split(",") if name.strip()]
     unknown = [name for name in names if name not in KNOWN_ENGINES]

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..hashing import sha256_file
 from .bench import (
     ARTIFACT_ENGINES,
     BenchConfig,
@@ -105,14 +104,9 @@ def shared_build(config: BenchConfig, engines: list[str]) -> SharedBuild:
 
 def weights_record(config: BenchConfig) -> dict:
     """Where the bench's weights come from, as build_artifact records it (and reuse checks)."""
-    from ..models.families import HF_FAMILIES, hf_weights_record
+    from ..models.families import weights_record as record
 
-    if config.family in HF_FAMILIES:
-        return hf_weights_record(config.family, config.checkpoint)
-    if config.checkpoint is None:
-        return {"source": "random", "seed": config.seed, "std": 0.02}
-    return {"source": "checkpoint", "path": str(Path(config.checkpoint).resolve()),
-            "sha256": sha256_file(Path(config.checkpoint))}
+    return record(config.family, config.checkpoint, config.seed)
 
 
 def _build_all(config: BenchConfig, engines: list[str], work: Path,

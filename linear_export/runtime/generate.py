@@ -42,13 +42,6 @@ class GenerationResult:
     stats: GenerationStats
 
 
-def check_class_ids(class_ids: Sequence[int], num_classes: int) -> None:
-    bad = [c for c in class_ids if not 0 <= c < num_classes]
-    if bad:
-        raise UserError(f"Class id {bad[0]} is out of range; this model has classes "
-                        f"0..{num_classes - 1}.")
-
-
 @dataclass
 class _Stream:
     """One prefix group: its rows, its own cache (uniform cache_len) and the policy for its P."""

@@ -15,7 +15,8 @@ HF_FAMILIES = ("janus", "lumina")  # step models built from a local transformers
 WEIGHT_SUFFIXES = (".safetensors", ".bin")  # what a HF directory's weights hash covers
 
 __all__ = ["FAMILIES", "HF_FAMILIES", "Family", "PrefixGroup", "check_family", "detect_family",
-           "family_from_json", "hf_weights_record", "load_hf_step", "load_step_model"]
+           "family_from_json", "hf_weights_record", "load_hf_step", "load_step_model",
+           "random_std", "weights_record"]
 
 
 def load_step_model(
@@ -59,6 +60,28 @@ def family_from_json(record: dict) -> Family:
         raise UserError(f"The manifest's model adapter {record.get('kind')!r} is not one this "
                         "linear-export knows; rebuild with linear-export build --force.")
     return kind(**fields)
+
+
+def random_std() -> float:
+    """The std of load_gpt's seeded random init (recorded, so verify can redo it)."""
+    import inspect
+
+    from ..gpt import init_weights
+
+    return inspect.signature(init_weights).parameters["std"].default
+
+
+def weights_record(family: str, checkpoint: str | Path | None, seed: int = 0) -> dict:
+    """Where a model's weights come from, as artifacts record it for verify to rebuild the
+    reference: a checkpoint's path and hash, a HF directory's hash, or the random init's seed."""
+    from ...hashing import sha256_file
+
+    if family in HF_FAMILIES:
+        return hf_weights_record(family, checkpoint)
+    if checkpoint is None:
+        return {"source": "random", "seed": seed, "std": random_std()}
+    return {"source": "checkpoint", "path": str(Path(checkpoint).resolve()),
+            "sha256": sha256_file(Path(checkpoint))}
 
 
 def hf_weights_record(family: str, directory: str | Path) -> dict:

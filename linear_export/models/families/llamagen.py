@@ -12,6 +12,14 @@ from ..configs import GPTConfig, SequenceLayout
 from .base import Family, PrefixGroup
 
 
+def check_class_ids(class_ids: Sequence[int], num_classes: int) -> None:
+    """One sentence for the first class id outside 0..num_classes - 1."""
+    bad = [c for c in class_ids if not 0 <= int(c) < num_classes]
+    if bad:
+        raise UserError(f"Class id {bad[0]} is out of range; this model has classes "
+                        f"0..{num_classes - 1}.")
+
+
 @dataclass(frozen=True)
 class LlamaGenC2I(Family):
     """Class token `vocab + class` at position 0..P-1; CFG rows use the null class."""
@@ -31,10 +39,7 @@ class LlamaGenC2I(Family):
     def prefix_groups(
         self, conditions: Sequence[int], cfg: bool, device: torch.device
     ) -> list[PrefixGroup]:
-        bad = [c for c in conditions if not 0 <= int(c) < self.num_classes]
-        if bad:
-            raise UserError(f"Class id {bad[0]} is out of range; this model has classes "
-                            f"0..{self.num_classes - 1}.")
+        check_class_ids(conditions, self.num_classes)
         classes = torch.tensor([int(c) for c in conditions], dtype=torch.long, device=device)
         if cfg:
             classes = torch.cat([classes, torch.full_like(classes, self.num_classes)])
