@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from linear_export.api.sample import FAULT_ENV, RAY_MISSING, SampleSpec, sample
+from linear_export.api.sample import SampleSpec
+from linear_export.api.sample_run import FAULT_ENV, RAY_MISSING, sample
 from linear_export.api.shards import DONE, NPZ
 from linear_export.cli import main
 from linear_export.errors import UserError

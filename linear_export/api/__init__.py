@@ -22,7 +22,8 @@ from .models import (
     prompt_conditions,
 )
 from .policy import fit_engine, make_policy
-from .sample import SampleSpec, SampleSummary, sample
+from .sample import SampleSpec
+from .sample_run import SampleSummary, sample
 from .verify import verify
 
 __all__ = [

@@ -9,7 +9,7 @@ import click
 from click.core import ParameterSource
 
 from ..api.sample import DEFAULT_SHARD_SIZE, SampleSpec
-from ..api.sample import sample as run_sample
+from ..api.sample_run import sample as run_sample
 from ..engines import ENGINES
 from ..errors import UserError
 from .options import model_options, policy_options

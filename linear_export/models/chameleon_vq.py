@@ -22,15 +22,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .vq import (
-    AttnBlock,
-    ResnetBlock,
-    Upsample,
-    _conv3,
-    _mismatch_sentence,
-    _norm,
-    _read_state_dict,
-)
+from .vq import _mismatch_sentence, _read_state_dict
+from .vq_network import AttnBlock, ResnetBlock, Upsample, _conv3, _norm
 
 NAME = "chameleon-vqgan"  # the manifest's and load_decoder's name for this decoder
 GROUPS = 32  # taming's Normalize: GroupNorm(32, eps 1e-6)
