@@ -206,3 +206,38 @@ def test_the_checks_find_what_they_forbid(tmp_path):
                               "linear_export.runtime.policies"]]
     assert cli_cross_imports(found) == ["linear_export.cli.build imports "
                                         "linear_export.cli.generate"]
+
+
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 60  # in cli/ and runtime/, where the application's flow is read
+FLOW_FOLDERS = ("cli", "runtime")
+
+
+def size_problems(root: Path, package: str = PACKAGE) -> list[str]:
+    """Modules over MAX_MODULE_LINES lines; cli/runtime functions over MAX_FUNCTION_LINES."""
+    problems = []
+    for module, (path, _) in module_files(root, package).items():
+        text = path.read_text()
+        if text.count("\n") > MAX_MODULE_LINES:
+            problems.append(f"{module}: {text.count(chr(10))} lines")
+        if top_name(module) not in FLOW_FOLDERS:
+            continue
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1  # from `def`, decorators aside
+                if length > MAX_FUNCTION_LINES:
+                    problems.append(f"{module}.{node.name}: {length} lines")
+    return problems
+
+
+def test_modules_and_flow_functions_stay_short():
+    assert size_problems(Path(linear_export.__file__).parent) == []
+
+
+def test_the_size_check_finds_a_long_function_and_module(tmp_path):
+    body = "".join(f"    x{i} = {i}\n" for i in range(61))
+    root = _write(tmp_path, {"__init__.py": "", "runtime/__init__.py": "",
+                             "runtime/loop.py": f"def step():\n{body}",
+                             "models/__init__.py": "", "models/big.py": "x = 1\n" * 401})
+    assert size_problems(root) == ["linear_export.models.big: 401 lines",
+                                   "linear_export.runtime.loop.step: 62 lines"]
