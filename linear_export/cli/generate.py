@@ -14,7 +14,7 @@ from ..errors import UserError
 from ..models.families import FAMILIES
 from ..outputs import check_writable, write_directory, write_json, write_npy
 from ..runtime.sampling import SamplingConfig
-from .options import model_options, policy_options
+from .options import model_options, policy_options, sampling_options
 
 DEMO_CLASSES = ",".join(str(c) for c in range(10))
 
@@ -34,13 +34,7 @@ def given(name: str) -> bool:
               help="Images to generate [default: one per class].")
 @click.option("--batch-size", type=int, default=8, show_default=True,
               help="Images per engine batch (CFG doubles the rows).")
-@click.option("--cfg-scale", type=float, default=None,
-              help="Classifier-free guidance scale; 1.0 disables CFG [default: 4.0; 1.0 for the "
-                   "bundled demo model, whose samples guidance makes worse].")
-@click.option("--temperature", type=float, default=1.0, show_default=True,
-              help="Sampling temperature; 0 is greedy.")
-@click.option("--top-k", type=int, default=2000, show_default=True, help="Top-k; 0 disables.")
-@click.option("--top-p", type=float, default=1.0, show_default=True, help="Top-p; 1.0 disables.")
+@sampling_options
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed for weights and sampling.")
 @click.option("--engine", "engine_name", type=click.Choice(ENGINES), default="torch",

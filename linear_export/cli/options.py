@@ -35,6 +35,18 @@ model_options = compose(
     click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda."),
 )
 
+sampling_options = compose(
+    click.option("--cfg-scale", type=float, default=None,
+                 help="Classifier-free guidance scale; 1.0 disables CFG [default: 4.0; 1.0 for "
+                      "the bundled demo model, whose samples guidance makes worse]."),
+    click.option("--temperature", type=float, default=1.0, show_default=True,
+                 help="Sampling temperature; 0 is greedy."),
+    click.option("--top-k", type=int, default=2000, show_default=True,
+                 help="Top-k; 0 disables."),
+    click.option("--top-p", type=float, default=1.0, show_default=True,
+                 help="Top-p; 1.0 disables."),
+)
+
 RECENT_LINES_HELP = ("linear: newest whole lines always kept [default: 1 up to a 4-line budget, "
                      "half the budget's lines above that].")
 

@@ -12,7 +12,7 @@ from ..api.sample import DEFAULT_SHARD_SIZE, SampleSpec
 from ..api.sample_run import sample as run_sample
 from ..engines import ENGINES
 from ..errors import UserError
-from .options import model_options, policy_options
+from .options import model_options, policy_options, sampling_options
 
 
 def _classes(text: str | None) -> tuple[int, ...]:
@@ -44,11 +44,7 @@ def _classes(text: str | None) -> tuple[int, ...]:
               help="Samples per class (ADM: 50 x 1000 classes = 50k).")
 @click.option("--num-samples", type=int, default=None,
               help="Total samples, classes round-robin [default: --per-class x classes].")
-@click.option("--cfg-scale", type=float, default=None,
-              help="Classifier-free guidance scale [default: 4.0; 1.0 for the demo model].")
-@click.option("--temperature", type=float, default=1.0, show_default=True)
-@click.option("--top-k", type=int, default=2000, show_default=True, help="Top-k; 0 disables.")
-@click.option("--top-p", type=float, default=1.0, show_default=True, help="Top-p; 1.0 disables.")
+@sampling_options
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Base seed: sample i draws with seed * 1000003 + i (and random weights).")
 @click.option("--vq-checkpoint", type=click.Path(dir_okay=False), default=None,
