@@ -103,10 +103,11 @@ def test_line_scores_are_the_runtimes_scores_before_its_first_eviction(subject,
     seen = {}
     plain_select = policy.select
 
-    def select(positions, scores, finished_line, cfg):
+    def select(positions, scores, finished_line, cfg, owner=None):
         if scores is not None:  # lines that end without an eviction are not scored
             seen.setdefault(finished_line, (positions.clone(), scores.clone()))
-        return plain_select(positions, scores, finished_line=finished_line, cfg=cfg)
+        return plain_select(positions, scores, finished_line=finished_line, cfg=cfg,
+                            owner=owner)
 
     policy.select = select
     generate(TorchEngine(model), labels, policy, SamplingConfig(cfg_scale=1.0),
