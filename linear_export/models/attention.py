@@ -12,7 +12,7 @@ import torch
 # Scoring rotations (LineAR's lookahead lines) a step graph may take: TensorRT profiles and
 # the exporter need a bound on score_position_ids' second dimension.
 MAX_LOOKAHEAD = 8
-DEFAULT_LOOKAHEAD = 3  # LineAR's default (README sweep); TensorRT's optimum for the bound
+DEFAULT_LOOKAHEAD = 3  # LineAR's default (docs/quality.md sweep); TensorRT's optimum for the bound
 
 
 def cached_attention(

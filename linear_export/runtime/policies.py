@@ -16,7 +16,7 @@ from ..models.attention import DEFAULT_LOOKAHEAD, MAX_LOOKAHEAD
 from ..models.configs import SequenceLayout
 
 POLICIES = ("full", "linear", "streaming", "h2o", "window")
-# LineAR's lookahead with per-head budgets: the demo sweep (README) measured 4 lines best at
+# LineAR's lookahead with per-head budgets: the demo sweep (docs/quality.md) measured 4 lines best at
 # 1/2, 1/4 and 1/6 there (1/4: ΔNLL +1.4% against +2.2% with 3), 3 without them.
 HEAD_SHARED_LOOKAHEAD = 4
 ALWAYS = float("inf")
@@ -55,7 +55,7 @@ KNOB_FLAGS = {"recent_lines": "--recent-lines", "anchor": "--anchor",
 def auto_recent_lines(budget_lines: int) -> int:
     """LineAR's default: one recent line up to a 4-line budget, then half the budget's lines.
 
-    From the demo sweep (README): with lookahead scoring, selected tokens beat whole lines
+    From the demo sweep (docs/quality.md): with lookahead scoring, selected tokens beat whole lines
     at small budgets; at 6-8 lines, keeping the nearest half whole was better (8 lines:
     ΔNLL +0.31% against +0.72% with one recent line). A budget under one line cannot hold
     the recent line, which Policy refuses (unless --recent-lines 0 is asked for).
