@@ -30,7 +30,7 @@ from ..errors import UserError
 from ..models.families.llamagen import check_class_ids
 from ..runtime.sampling import SamplingConfig
 from .engines import open_engine, open_source
-from .models import ModelSource, load_source, load_vq_decoder
+from .models import ModelSource, demo_source, load_source, load_vq_decoder
 from .policy import make_policy
 from .shards import Shard, write_shard
 
@@ -160,14 +160,15 @@ def _resolve_demo(spec: SampleSpec) -> SampleSpec:
             raise UserError("sample writes images: pass --vq-checkpoint (the GPT's VQ "
                             "tokenizer), or an --artifact built with its VQ decoder.")
         return spec
-    from ..demo import DEMO_DIR, DEMO_IMAGE_SIZE, DEMO_MODEL_NAME, DEMO_VQ_NAME
+    from ..demo import DEMO_DIR, DEMO_MODEL_NAME, DEMO_VQ_NAME
 
-    if spec.model_name not in (None, DEMO_MODEL_NAME):
-        raise UserError(f"No weights given for --model {spec.model_name}; pass --checkpoint "
-                        "PATH or --random-weights (without them the bundled demo runs).")
-    spec = replace(spec, checkpoint=str(DEMO_DIR / "gpt.safetensors"),
-                   model_name=DEMO_MODEL_NAME, image_size=spec.image_size or DEMO_IMAGE_SIZE,
-                   cfg_scale=1.0 if spec.cfg_scale is None else spec.cfg_scale)
+    demo = demo_source(ModelSource(model=spec.model_name or DEMO_MODEL_NAME,
+                                   image_size=spec.image_size or 0),
+                       model_given=spec.model_name is not None,
+                       image_size_given=spec.image_size is not None)
+    spec = replace(spec, checkpoint=demo.checkpoint, model_name=demo.model,
+                   image_size=demo.image_size,
+                   cfg_scale=demo.default_cfg_scale if spec.cfg_scale is None else spec.cfg_scale)
     if spec.vq_checkpoint is None:
         spec = replace(spec, vq_checkpoint=str(DEMO_DIR / "vq.safetensors"),
                        vq_model=DEMO_VQ_NAME)
