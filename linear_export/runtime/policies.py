@@ -16,8 +16,8 @@ from ..models.attention import DEFAULT_LOOKAHEAD, MAX_LOOKAHEAD
 from ..models.configs import SequenceLayout
 
 POLICIES = ("full", "linear", "streaming", "h2o", "window")
-# LineAR's lookahead with per-head budgets: the demo sweep (docs/quality.md) measured 4 lines best at
-# 1/2, 1/4 and 1/6 there (1/4: ΔNLL +1.4% against +2.2% with 3), 3 without them.
+# LineAR's lookahead with per-head budgets: the demo sweep (docs/quality.md) measured 4 lines
+# best at 1/2, 1/4 and 1/6 there (1/4: ΔNLL +1.4% against +2.2% with 3), 3 without them.
 HEAD_SHARED_LOOKAHEAD = 4
 ALWAYS = float("inf")
 
