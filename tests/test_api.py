@@ -46,6 +46,18 @@ def test_demo_generation_through_the_api_streams_lines_and_decodes() -> None:
     assert {"tokens.npy", "stats.json", "grid.png", "0000_class0_seed3.png"} <= names
 
 
+def test_an_engine_made_without_the_api_generates_too() -> None:
+    from linear_export.engines.torch import TorchEngine
+
+    from conftest import tiny_model
+
+    engine = TorchEngine(tiny_model())
+    result = le.generate(engine, [1, 2], le.make_policy("full", engine), seed=0)
+    assert result.tokens.shape == (2, engine.layout.height, engine.layout.width)
+    assert result.stats["family"] == "llamagen" and result.stats["model"] is None
+    assert result.stats["image_size"] == engine.layout.height * engine.config.downsample
+
+
 def test_a_spec_with_keywords_too_is_one_clear_error() -> None:
     engine = le.open_engine(le.load_model())
     with pytest.raises(le.UserError, match="not both"):

@@ -85,7 +85,12 @@ def describe(engine: Engine) -> dict:
     if artifact is not None:
         return {"family": artifact.family_name, "model": artifact.manifest["model"]["name"],
                 "image_size": artifact.manifest["image_size"], "dtype": artifact.dtype_name}
-    source = engine.source
+    source = getattr(engine, "source", None) or getattr(getattr(engine, "model", None),
+                                                        "source", None)
+    if source is None:  # an engine made without the API: what the model itself says
+        return {"family": engine.family.name, "model": None,
+                "image_size": engine.layout.height * engine.config.downsample,
+                "dtype": str(engine.dtype).removeprefix("torch.")}
     return {"family": source.family, "model": source.model, "image_size": source.image_size,
             "dtype": source.dtype}
 
