@@ -7,7 +7,13 @@ from ..runtime.sampling import SamplingConfig
 from .bench import BenchOptions, BenchReport, bench
 from .build import BuildOptions, build, cache_root, cached_artifact
 from .calibrate import CalibrationSettings, calibrate
-from .engines import load_decoder, model_directory, open_engine, open_source
+from .engines import (
+    load_artifact_for,
+    load_decoder,
+    model_directory,
+    open_engine,
+    open_source,
+)
 from .evaluate import EvalModel, evaluate
 from .generate import Generation, generate
 from .models import (
@@ -27,11 +33,11 @@ from .sample_run import SampleSummary, sample
 from .verify import verify
 
 __all__ = [
-    "DEFAULT_CFG_SCALE", "DEMO_CFG_SCALE", "Artifact", "BenchOptions", "BenchReport",
-    "BuildOptions", "CalibrationSettings", "EvalModel", "Generation", "ModelSource", "Policy",
+    "Artifact", "BenchOptions", "BenchReport", "BuildOptions", "CalibrationSettings",
+    "DEFAULT_CFG_SCALE", "DEMO_CFG_SCALE", "EvalModel", "Generation", "ModelSource", "Policy",
     "SampleSpec", "SampleSummary", "SamplingConfig", "UserError", "bench", "build", "cache_root",
     "cached_artifact", "calibrate", "demo_source", "evaluate", "fit_engine", "generate",
-    "load_artifact", "load_decoder", "load_model", "load_source", "load_vq_decoder", "make_policy",
-    "model_directory", "open_engine", "open_source", "parse_classes", "prompt_conditions",
-    "sample", "verify",
+    "load_artifact", "load_artifact_for", "load_decoder", "load_model", "load_source",
+    "load_vq_decoder", "make_policy", "model_directory", "open_engine", "open_source",
+    "parse_classes", "prompt_conditions", "sample", "verify",
 ]

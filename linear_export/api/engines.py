@@ -42,6 +42,33 @@ def open_engine(source: torch.nn.Module | Artifact | str | Path, engine: str | N
     return opened
 
 
+def load_artifact_for(path: str | Path, engine: str, *, weights_given: bool = False,
+                      family: str | None = None, model: str | None = None,
+                      image_size: int | None = None, dtype: str | None = None,
+                      check_hashes: bool = True) -> Artifact:
+    """The artifact at `path`, for `engine`: it runs on ort or tensorrt, already holds its
+    weights, and fixes the family, model, image size and dtype, so what the user gave
+    (None: not given) must agree."""
+    if engine not in ("ort", "tensorrt"):
+        raise UserError("--artifact runs on the ort or tensorrt engine; add --engine ort.")
+    if weights_given:
+        raise UserError("--artifact already holds the weights; drop --checkpoint and "
+                        "--random-weights.")
+    artifact = load_artifact(path, check_hashes=check_hashes)
+    if family is not None and artifact.family_name != family:
+        raise UserError(f"Artifact '{artifact.path}' holds a {artifact.family_name} model; "
+                        f"pass --family {artifact.family_name}.")
+    manifest = artifact.manifest
+    built = {"--model": (model, manifest["model"]["name"]),
+             "--image-size": (image_size, manifest["image_size"]),
+             "--dtype": (dtype, manifest["dtype"])}
+    for flag, (value, recorded) in built.items():
+        if value is not None and value != recorded:
+            raise UserError(f"{flag} {value} contradicts the artifact, which was built with "
+                            f"{flag} {recorded}; drop {flag} or rebuild the artifact.")
+    return artifact
+
+
 def load_decoder(engine: Engine, checkpoint: str | Path | None = None,
                  vq_model: str = "VQ-16") -> Decode | None:
     """decode(codes) -> images in [-1, 1] for an engine's tokens, or None where there is none.

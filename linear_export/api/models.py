@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..models import get_config
 from ..models.chameleon_vq import NAME as CHAMELEON_VQ
 from ..models.configs import GPTConfig
 from ..models.families import FAMILIES, check_family, load_step_model
@@ -102,13 +101,9 @@ def load_source(source: ModelSource) -> torch.nn.Module:
     return loaded
 
 
-def model_config(name: str) -> GPTConfig:
-    """A LlamaGen config by name (GPT-B, GPT-L, ...), before any weights load."""
-    return get_config(name)
-
-
-def parse_classes(text: str, num_classes: int) -> list[int]:
-    """'207,360' -> [207, 360], each within the model's classes."""
+def parse_classes(text: str, num_classes: int | None = None) -> list[int]:
+    """'207,360' -> [207, 360], each within the model's classes (when `num_classes` is
+    known)."""
     try:
         classes = [int(part) for part in text.replace(" ", "").split(",") if part]
     except ValueError:
@@ -116,7 +111,8 @@ def parse_classes(text: str, num_classes: int) -> list[int]:
                         "207,360,387.") from None
     if not classes:
         raise UserError("--classes is empty; give at least one class id such as 207.")
-    check_class_ids(classes, num_classes)
+    if num_classes is not None:
+        check_class_ids(classes, num_classes)
     return classes
 
 

@@ -29,7 +29,7 @@ from ..engines import ENGINES
 from ..errors import UserError
 from ..models.families.llamagen import check_class_ids
 from ..runtime.sampling import SamplingConfig
-from .engines import open_engine, open_source
+from .engines import load_artifact_for, open_engine, open_source
 from .models import ModelSource, demo_source, load_source, load_vq_decoder
 from .policy import make_policy
 from .shards import Shard, write_shard
@@ -131,21 +131,13 @@ def _resolve_artifact(spec: SampleSpec) -> SampleSpec:
             raise UserError("--engine tensorrt runs a built artifact's plans; pass --artifact "
                             "DIR from linear-export build --tensorrt.")
         return spec
-    from ..export.artifact import load_artifact
-
-    if spec.engine not in ("ort", "tensorrt"):
-        raise UserError("--artifact runs on the ort or tensorrt engine; add --engine ort.")
-    if spec.checkpoint is not None or spec.random_weights:
-        raise UserError("--artifact already holds the weights; drop --checkpoint and "
-                        "--random-weights.")
-    manifest = load_artifact(spec.artifact, check_hashes=False).manifest
+    artifact = load_artifact_for(
+        spec.artifact, spec.engine, weights_given=spec.checkpoint is not None or
+        spec.random_weights, family=spec.family, model=spec.model_name,
+        image_size=spec.image_size, check_hashes=False)
+    manifest = artifact.manifest
     built = {"model_name": manifest["model"]["name"], "image_size": manifest["image_size"],
              "dtype": manifest["dtype"]}
-    for name, value in built.items():
-        given = getattr(spec, name)
-        if name != "dtype" and given is not None and given != value:
-            raise UserError(f"--{name.replace('_name', '').replace('_', '-')} {given} "
-                            f"contradicts the artifact, built with {value}.")
     spec = replace(spec, artifact=str(Path(spec.artifact).resolve()), **built)
     if spec.vq_checkpoint is None and "vq_decoder" not in manifest:
         raise UserError(f"Artifact '{spec.artifact}' has no VQ decoder; pass --vq-checkpoint "

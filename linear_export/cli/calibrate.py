@@ -14,8 +14,6 @@ from ..runtime.budget import BUDGET_HELP
 from ..runtime.policies import PolicyConfig
 from .options import RECENT_LINES_HELP, split_list
 
-DEFAULT_CFG_SCALE, DEMO_CFG_SCALE = api.DEFAULT_CFG_SCALE, api.DEMO_CFG_SCALE
-
 
 @click.command()
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
@@ -45,8 +43,8 @@ DEFAULT_CFG_SCALE, DEMO_CFG_SCALE = api.DEFAULT_CFG_SCALE, api.DEMO_CFG_SCALE
                    "held-out demo images the eval does not score (the demo model only); "
                    "auto: demo-data for the demo model, samples otherwise.")
 @click.option("--cfg-scale", type=float, default=None,
-              help=f"Guidance of the samples [default: {DEFAULT_CFG_SCALE}; {DEMO_CFG_SCALE} "
-                   "for the demo model].")
+              help=f"Guidance of the samples [default: {api.DEFAULT_CFG_SCALE}; "
+                   f"{api.DEMO_CFG_SCALE} for the demo model].")
 @click.option("--batch-size", type=int, default=4, show_default=True,
               help="Images per pass; the oracle holds L x B x Hkv x N x N booleans per pass.")
 @click.option("--seed", type=int, default=0, show_default=True,

@@ -20,7 +20,6 @@ from ..runtime.policies import POLICIES, PolicyConfig
 from ..runtime.sampling import SamplingConfig
 from .options import RECENT_LINES_HELP, split_list
 
-DEMO_CFG_SCALE = api.DEMO_CFG_SCALE
 QUICK = {"samples_per_class": 1, "heldout": 5, "real": 20, "budgets": ("1/1", "1/4"),
          "policies": ("full", "linear")}
 
@@ -38,7 +37,7 @@ QUICK = {"samples_per_class": 1, "heldout": 5, "real": 20, "budgets": ("1/1", "1
               help="Real images for the Fréchet reference.")
 @click.option("--batch-size", type=int, default=50, show_default=True)
 @click.option("--cfg-scale", type=float, default=None,
-              help=f"Guidance for generated samples [default: {DEMO_CFG_SCALE} for the demo "
+              help=f"Guidance for generated samples [default: {api.DEMO_CFG_SCALE} for the demo "
                    f"model, whose accuracy guidance lowers; {FAMILY_CFG_SCALE} for --family]. "
                    "The NLL is always unguided.")
 @click.option("--top-k", type=int, default=0, show_default=True)
@@ -115,7 +114,7 @@ def eval_command(policies, budgets, samples_per_class, heldout, real, batch_size
             raise UserError(f"{name} {value} is too small; give at least "
                             f"{4 if name == '--real' else 1}.")
     if cfg_scale is None:
-        cfg_scale = DEMO_CFG_SCALE if family == "demo" else FAMILY_CFG_SCALE
+        cfg_scale = api.DEMO_CFG_SCALE if family == "demo" else FAMILY_CFG_SCALE
     settings = EvalSettings(
         policies=split_list(policies), budgets=split_list(budgets),
         samples_per_class=samples_per_class, batch_size=batch_size, seed=seed,

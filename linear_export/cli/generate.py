@@ -126,13 +126,13 @@ def open_engine_and_policy(source, engine_name: str, artifact_dir: Path | None, 
         raise UserError(f"--head-budgets runs on LlamaGen class-to-image models for now, not "
                         f"--family {source.family}; drop it.")
     if artifact_dir is not None:
-        if engine_name not in ("ort", "tensorrt"):
-            raise UserError("--artifact runs on the ort or tensorrt engine; add --engine ort.")
-        if source.checkpoint is not None or source.random_weights:
-            raise UserError("--artifact already holds the weights; drop --checkpoint and "
-                            "--random-weights.")
-        engine = api.open_engine(artifact_dir, engine_name, device=source.device)
-        check_artifact_options(engine.artifact, source)
+        artifact = api.load_artifact_for(
+            artifact_dir, engine_name,
+            weights_given=source.checkpoint is not None or source.random_weights,
+            family=source.family, model=source.model if given("model_name") else None,
+            image_size=source.image_size if given("image_size") else None,
+            dtype=source.dtype if given("dtype") else None)
+        engine = api.open_engine(artifact, engine_name, device=source.device)
         return engine, api.make_policy(policy, engine, budget=budget, **knobs)
     if source.family == "llamagen":
         chosen = api.make_policy(policy, source, budget=budget, **knobs)
@@ -142,22 +142,6 @@ def open_engine_and_policy(source, engine_name: str, artifact_dir: Path | None, 
         return engine, api.fit_engine(chosen, engine)
     engine = api.open_source(source, engine_name, device=source.device, cuda_graph=cuda_graph)
     return engine, api.make_policy(policy, engine, budget=budget, **knobs)
-
-
-def check_artifact_options(artifact, source) -> None:
-    """Family, model, image size and dtype come from the artifact; contradicting them is an
-    error."""
-    if artifact.family_name != source.family:
-        raise UserError(f"Artifact '{artifact.path}' holds a {artifact.family_name} model; "
-                        f"pass --family {artifact.family_name}.")
-    manifest = artifact.manifest
-    built = {"model_name": ("--model", source.model, manifest["model"]["name"]),
-             "image_size": ("--image-size", source.image_size, manifest["image_size"]),
-             "dtype": ("--dtype", source.dtype, manifest["dtype"])}
-    for name, (flag, value, recorded) in built.items():
-        if given(name) and value != recorded:
-            raise UserError(f"{flag} {value} contradicts the artifact, which was built with "
-                            f"{flag} {recorded}; drop {flag} or rebuild the artifact.")
 
 
 def conditions_of(engine, source, classes: str, prompts, caption_features) -> list:

@@ -8,24 +8,11 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from .. import api
 from ..api.sample import DEFAULT_SHARD_SIZE, SampleSpec
 from ..api.sample_run import sample as run_sample
 from ..engines import ENGINES
-from ..errors import UserError
 from .options import model_options, policy_options, sampling_options
-
-
-def _classes(text: str | None) -> tuple[int, ...]:
-    if text is None:
-        return ()
-    try:
-        classes = tuple(int(part) for part in text.replace(" ", "").split(",") if part)
-    except ValueError:
-        raise UserError(f"--classes {text!r} is not a comma-separated list of class ids such as "
-                        "207,360,387.") from None
-    if not classes:
-        raise UserError("--classes is empty; give at least one class id such as 207.")
-    return classes
 
 
 @click.command()
@@ -87,12 +74,13 @@ def sample(
                     if context.get_parameter_source(key) != ParameterSource.DEFAULT}
     if head_budgets is not None:
         policy_knobs["head_budgets"] = str(Path(head_budgets).resolve())
+    class_ids = () if classes is None else tuple(api.parse_classes(classes))
     spec = SampleSpec(
         checkpoint=checkpoint, model_name=given("model_name"), image_size=given("image_size"),
         dtype=dtype, random_weights=random_weights, weights_seed=seed, family=family,
         engine=engine_name, artifact=artifact_dir, device=device, policy=policy, budget=budget,
         policy_knobs=policy_knobs, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
-        top_p=top_p, vq_checkpoint=vq_checkpoint, vq_model=vq_model, classes=_classes(classes),
+        top_p=top_p, vq_checkpoint=vq_checkpoint, vq_model=vq_model, classes=class_ids,
         per_class=per_class, num_samples=num_samples, seed=seed, cpu_threads=cpu_threads)
     summary = run_sample(spec, out, workers=workers, ray_address=ray_address,
                          num_gpus_per_worker=num_gpus_per_worker, shard_size=shard_size,
