@@ -158,6 +158,45 @@ class Artifact:
         return self.manifest["files"][name]["sha256"]
 
 
+def _check_build(model: GPT, out: Path, capacity: int, max_batch: int, weight_format: str,
+                 force: bool) -> str:
+    """What needs no export: the model's dtype (its name), formats, `out`, capacity, batch."""
+    dtype_name = next((k for k, v in DTYPES.items() if v == model.dtype), None)
+    if dtype_name not in ARTIFACT_DTYPES:
+        raise UserError(f"Artifacts are built in {' or '.join(ARTIFACT_DTYPES)}, not "
+                        f"{dtype_name}; pass --dtype fp32 or fp16.")
+    if weight_format not in WEIGHT_FORMATS:
+        raise UserError(f"--weights {weight_format} is not a weight format; choose one of "
+                        f"{', '.join(WEIGHT_FORMATS)}.")
+    if out.exists() and not force:
+        raise UserError(f"Artifact directory '{out}' already exists; pass --force to replace it "
+                        "or choose another --out.")
+    sequence = model.family.token_layout(model.layout).length  # end-of-line tokens included
+    if capacity > sequence:
+        raise UserError(f"Capacity {capacity} exceeds the whole sequence ({sequence} tokens).")
+    if max_batch < 1:
+        raise UserError(f"--max-batch {max_batch} must be at least 1.")
+    return dtype_name
+
+
+def _staging(out: Path) -> Path:
+    """A fresh directory beside `out`, readable as the artifact will be, to export into."""
+    with clear_write_errors(out):  # no permission to write there: one sentence
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    os.chmod(staging, directory_mode())  # mkdtemp's 0700 would hide the artifact from others
+    return staging
+
+
+def _export_vq_decoder(vq_model: torch.nn.Module, model: GPT, staging: Path, opset: int,
+                       log: Callable[[str], None]) -> None:
+    from .vq_onnx import export_vq_decoder
+
+    log(f"exporting {VQ_DECODER}")
+    export_vq_decoder(vq_model, staging / VQ_DECODER, opset,
+                      grid=(model.layout.height, model.layout.width))
+
+
 def build_artifact(
     model: GPT,
     out: Path,
@@ -189,26 +228,9 @@ def build_artifact(
     path and hash) goes into the manifest so verify can rebuild the PyTorch decoder.
     """
     out = Path(out)
-    dtype_name = next((k for k, v in DTYPES.items() if v == model.dtype), None)
-    if dtype_name not in ARTIFACT_DTYPES:
-        raise UserError(f"Artifacts are built in {' or '.join(ARTIFACT_DTYPES)}, not "
-                        f"{dtype_name}; pass --dtype fp32 or fp16.")
-    if weight_format not in WEIGHT_FORMATS:
-        raise UserError(f"--weights {weight_format} is not a weight format; choose one of "
-                        f"{', '.join(WEIGHT_FORMATS)}.")
-    if out.exists() and not force:
-        raise UserError(f"Artifact directory '{out}' already exists; pass --force to replace it "
-                        "or choose another --out.")
-    sequence = model.family.token_layout(model.layout).length  # end-of-line tokens included
-    if capacity > sequence:
-        raise UserError(f"Capacity {capacity} exceeds the whole sequence ({sequence} tokens).")
-    if max_batch < 1:
-        raise UserError(f"--max-batch {max_batch} must be at least 1.")
-    with clear_write_errors(out):  # no permission to write there: one sentence
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    dtype_name = _check_build(model, out, capacity, max_batch, weight_format, force)
+    staging = _staging(out)
     try:
-        os.chmod(staging, directory_mode())  # mkdtemp's 0700 would hide the artifact from others
         started = time.perf_counter()
         log(f"exporting {STEP} (capacity {capacity}, {dtype_name}, opset {opset})")
         kernel = decode_kernel(attention, split_cache, head_shared)
@@ -216,33 +238,22 @@ def build_artifact(
                                  log=log, capacity=capacity, max_batch=max_batch, opset=opset,
                                  split_cache=split_cache, head_shared=head_shared)
         if vq_decoder is not None:
-            from .vq_onnx import export_vq_decoder
-
-            log(f"exporting {VQ_DECODER}")
-            vq_model, vq_record = vq_decoder
-            export_vq_decoder(vq_model, staging / VQ_DECODER, opset,
-                              grid=(model.layout.height, model.layout.width))
-        export_seconds = time.perf_counter() - started
+            _export_vq_decoder(vq_decoder[0], model, staging, opset, log)
+        build = {**build_options, "max_batch": max_batch,
+                 "cache_inputs": CACHE_LAYOUTS[split_cache], "head_shared": head_shared,
+                 "attention": kernel, "weights": weight_format, "variants": sorted(io),
+                 "export_seconds": round(time.perf_counter() - started, 3)}
         log("hashing files and writing the manifest")
         manifest = _manifest(model, model_name, image_size, dtype_name, capacity, opset, io,
-                             weights, {**build_options, "max_batch": max_batch,
-                                       "cache_inputs": CACHE_LAYOUTS[split_cache],
-                                       "head_shared": head_shared,
-                                       "attention": kernel, "weights": weight_format,
-                                       "variants": sorted(io),
-                                       "export_seconds": round(export_seconds, 3)},
-                             _hash_files(staging))
+                             weights, build, _hash_files(staging))
         if vq_decoder is not None:
             manifest["vq_decoder"] = {"file": VQ_DECODER, **vq_decoder[1]}
         (staging / MANIFEST).write_text(manifest_text(manifest))
         _move_into_place(staging, out)
-    except OSError as error:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
-        if error.errno in FULL_DISK:  # the staging directory is gone, `out` untouched
+        if isinstance(error, OSError) and error.errno in FULL_DISK:  # `out` untouched
             raise write_failure(out, error) from None
-        raise
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
         raise
     return Artifact(out, manifest)
 

@@ -86,6 +86,21 @@ def example_inputs(model: GPT, capacity: int, with_scores: bool = True,
     return inputs if with_scores else inputs[:-1]
 
 
+def _dynamic_shapes(max_batch: int, capacity: int, with_scores: bool,
+                    head_shared: bool) -> dict:
+    """The exported inputs' dynamic axes: rows, steps and (scored step) rotations."""
+    batch = torch.export.Dim(BATCH, min=1, max=max(2, max_batch))
+    steps = torch.export.Dim(STEPS, min=1, max=capacity)
+    shapes = {"input_ids": {0: batch, 1: steps}, "position_ids": {0: batch, 1: steps},
+              "past_key": {1: batch}, "past_value": {1: batch}, "cache_len": None}
+    if head_shared:  # otherwise StepModule's slot_owner stays None: no such graph input
+        shapes[SLOT_OWNER] = {1: batch}
+    if with_scores:
+        rotations = torch.export.Dim(ROTATIONS, min=1, max=MAX_LOOKAHEAD)
+        shapes["score_position_ids"] = {0: batch, 1: rotations, 2: steps}
+    return shapes
+
+
 def export_step(
     model: GPT,
     path: Path,
@@ -108,23 +123,8 @@ def export_step(
     if capacity < 2:
         raise ValueError(f"capacity {capacity} is too small to export (need at least 2 slots)")
     model = model.eval()
-    batch = torch.export.Dim(BATCH, min=1, max=max(2, max_batch))
-    steps = torch.export.Dim(STEPS, min=1, max=capacity)
-    rotations = torch.export.Dim(ROTATIONS, min=1, max=MAX_LOOKAHEAD)
-    dynamic_shapes = {
-        "input_ids": {0: batch, 1: steps},
-        "position_ids": {0: batch, 1: steps},
-        "past_key": {1: batch},
-        "past_value": {1: batch},
-        "cache_len": None,
-        SLOT_OWNER: {1: batch},
-        "score_position_ids": {0: batch, 1: rotations, 2: steps},
-    }
-    if not with_scores:
-        del dynamic_shapes["score_position_ids"]
+    dynamic_shapes = _dynamic_shapes(max_batch, capacity, with_scores, head_shared)
     example = example_inputs(model, capacity, with_scores, head_shared)
-    if not head_shared:  # StepModule's slot_owner stays None: no such graph input
-        del dynamic_shapes[SLOT_OWNER]
     keywords = {}
     if with_scores:  # by name, so a plain cache's step can leave slot_owner out
         *example, keywords["score_position_ids"] = example
