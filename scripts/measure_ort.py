@@ -118,7 +118,7 @@ def decode_inputs(engine, capacity: int, rows: int):
     return cache, ids, positions
 
 
-def main() -> None:
+def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="GPT-B")
     parser.add_argument("--image-size", type=int, default=256)
@@ -134,19 +134,12 @@ def main() -> None:
                         help="intra-op threads of both engines [default: each one's own]")
     parser.add_argument("--reuse", action="store_true",
                         help="keep artifacts already in --work instead of rebuilding them")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rows = 2 * args.batch
-    work = args.work or Path(tempfile.mkdtemp(prefix="measure-ort."))
-    work.mkdir(parents=True, exist_ok=True)
-    layout_config = get_config(args.model)
-    layout = SequenceLayout.for_image(layout_config, args.image_size)
-    report: dict = {"model": args.model, "image_size": args.image_size, "rows": rows,
-                    "torch_threads": torch.get_num_threads(),
-                    "ort_threads": args.threads or os.cpu_count(), "builds": {},
-                    "latency_ms": {}}
+    return parser.parse_args()
 
+
+def build_all(args: argparse.Namespace, layout: SequenceLayout, n_layer: int, work: Path,
+              rows: int, report: dict) -> dict:
+    """Each budget's artifact (stacked, and per-layer derived from it) and its capacity."""
     artifacts = {}
     for spec in [] if args.budgets == "none" else args.budgets.split(","):
         policy = build_policy(layout, "full" if spec == "full" else "linear", spec)
@@ -166,9 +159,26 @@ def main() -> None:
         if "error" in result:
             continue
         per_layer = work / f"{args.model}-{policy.capacity}-per-layer"
-        derive_per_layer(out, per_layer, layout_config.n_layer)
+        derive_per_layer(out, per_layer, n_layer)
         artifacts[spec] = (out, per_layer, policy.capacity)
+    return artifacts
 
+
+def main() -> None:
+    args = arguments()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = 2 * args.batch
+    work = args.work or Path(tempfile.mkdtemp(prefix="measure-ort."))
+    work.mkdir(parents=True, exist_ok=True)
+    layout_config = get_config(args.model)
+    layout = SequenceLayout.for_image(layout_config, args.image_size)
+    report: dict = {"model": args.model, "image_size": args.image_size, "rows": rows,
+                    "torch_threads": torch.get_num_threads(),
+                    "ort_threads": args.threads or os.cpu_count(), "builds": {},
+                    "latency_ms": {}}
+
+    artifacts = build_all(args, layout, layout_config.n_layer, work, rows, report)
     model = load_gpt(args.model, args.image_size, None) if artifacts else None
     configs = {}
     for spec, (stacked, per_layer, capacity) in artifacts.items():
