@@ -127,6 +127,10 @@ def test_missing_ray_is_one_sentence(tmp_path, monkeypatch):
     (["--classes", "3,12"], "Class id 12 is out of range"),
     (["--family", "janus"], "llamagen (class-conditional) only"),
     (["--num-gpus-per-worker", "1"], "need Ray workers"),
+    (["--classes", "3,x"], "is not a comma-separated list of class ids"),
+    (["--artifact", "some-dir"], "--artifact runs on the ort or tensorrt engine"),
+    (["--artifact", "some-dir", "--engine", "ort", "--random-weights"],
+     "--artifact already holds the weights"),
 ])
 def test_bad_options(tmp_path, args, message):
     result = CliRunner().invoke(main, ["sample", *args, "--out", str(tmp_path / "o")])
