@@ -153,6 +153,24 @@ def test_configurations_alternate_within_each_repeat() -> None:
     assert keys[0] != keys[per_repeat]  # rotated: not always the same one first
 
 
+def test_the_reference_is_its_fastest_run_and_engines_their_median() -> None:
+    """LlamaGen's loop runs at two speeds from process to process: ratios are against its
+    best run (the conservative side), engines keep their medians."""
+    from linear_export.runtime.bench import ORIGINAL, Result
+
+    config = BenchConfig(model="GPT-tiny", image_size=16, repeats=3)
+
+    def runs(seconds: list[float]) -> list[Measurement]:
+        return [Measurement(s, 8, 1e3 * s / 256, 1, 1, 1, None) for s in seconds]
+
+    reference = Result.from_runs(Job(ORIGINAL, "full", 8, config), runs([70.0, 35.0, 75.0]))
+    engine = Result.from_runs(Job("ort", "full", 8, config), runs([10.0, 12.0, 11.0]))
+    assert reference.images_per_s == pytest.approx(8 / 35.0)
+    assert reference.step_ms == pytest.approx(1e3 * 35.0 / 256)
+    assert engine.images_per_s == pytest.approx(8 / 11.0)  # the median
+    assert engine.ratios(reference)["images_per_s"] == pytest.approx(35.0 / 11.0)
+
+
 def test_max_batch_fits_predicts_and_confirms() -> None:
     config = BenchConfig(memory_limit=1000, fit_batches=(1, 4))
     runner, jobs = fake(lambda b: 100 + 10 * b)

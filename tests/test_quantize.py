@@ -1,5 +1,6 @@
-"""Weight-only int8/int4 artifacts (export/quantize.py): MatMulNBits in every graph that has
-weights, one shared weight file, and steps close to the fp32 model's."""
+"""Low-precision artifacts (export/quantize.py): weight-only int8/int4 (MatMulNBits) and
+w8a8 (dynamic int8 MatMulInteger) in every graph that has weights, one shared weight file, and
+steps close to the fp32 model's."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def quantized(weight_format: str):
 # Largest logit error as a share of the largest logit, on this tiny model's big activations
 # (int8 compute quantizes them too): measured 5% (int8) and 39% (int4); the demo model's
 # quality under each is measured with eval (docs/speed.md).
-@pytest.mark.parametrize(("weight_format", "share"), [("int8", 0.1), ("int4", 0.6)])
+@pytest.mark.parametrize(("weight_format", "share"),
+                         [("int8", 0.1), ("int4", 0.6), ("w8a8", 0.2)])
 def test_quantized_steps_stay_close_to_fp32(weight_format: str, share: float) -> None:
     directory = quantized(weight_format)
     artifact = load_artifact(directory)
@@ -48,7 +50,24 @@ def test_quantized_steps_stay_close_to_fp32(weight_format: str, share: float) ->
                             cache.cache_len_tensor())
     out = engine.step(ids, positions, cache)
     error = (out.logits - want[0]).abs().max().item()
+    print(f"{weight_format}: {error / want[0].abs().max().item():.3f} of the largest logit")
     assert 0 < error < share * want[0].abs().max().item()  # changed, but not by much
+
+
+def test_w8a8_runs_as_one_fused_dynamic_quantized_matmul() -> None:
+    """The session fuses DynamicQuantizeLinear + MatMulInteger + scale into ONNX Runtime's
+    DynamicQuantizeMatMul (u8s8 VNNI GEMMs in MLAS): checked in its optimized model. The
+    SwiGLU's w1 and w3 share one input, quantized once (DynamicQuantizeLinear) and read by two
+    MatMulIntegerToFloat, the same integer GEMM with the scale applied."""
+    directory = quantized("w8a8")
+    OrtEngine(directory)  # writes the optimized decode step into the artifact's .ort cache
+    (optimized,) = (directory / ".ort").glob("step_decode.*/model.onnx")
+    ops = [node.op_type for node in onnx.load(str(optimized), load_external_data=False)
+           .graph.node]
+    assert ops.count("DynamicQuantizeMatMul") == 2 * 3 + 1  # qkv, wo, w2 per layer; head
+    assert ops.count("MatMulIntegerToFloat") == 2 * 2  # w1, w3
+    assert ops.count("DynamicQuantizeLinear") == 2
+    assert "MatMul" not in ops and "MatMulInteger" not in ops
 
 
 def test_an_unknown_weight_format_is_one_sentence(tmp_path) -> None:

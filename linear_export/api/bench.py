@@ -293,7 +293,7 @@ def markdown(report: dict, results: list[Result], limits: list[MaxBatch]) -> str
         "",
         f"{config['dtype']} on {config['device']} ({config['threads'] or 'default'} threads), "
         f"CFG {config['cfg_scale']}, top-k {config['top_k']}, {config['repeats']} repeat(s), "
-        "medians; every run a fresh "
+        "medians (the reference: its fastest run); every run a fresh "
         f"process. `{ORIGINAL}` is LlamaGen's own generate() (from --llamagen-src), "
         f"`{BASELINE}` the project's stand-in for it. Ratios are images/s against `full` on "
         "the same engine and against that reference.",

@@ -69,9 +69,10 @@ def bench_command(model_name, checkpoint, family, max_prompt_tokens, image_size,
     """Measure images/s, step latency, KV bytes and peak memory of engines x policies.
 
     Every run is a fresh process, configurations alternate within each repeat, and the
-    reported numbers are medians. Ratios are against `full` on the same engine and against
-    the reference loop: LlamaGen's own generate() with --llamagen-src (`llamagen`), else the
-    project's stand-in for it (`baseline`).
+    reported numbers are medians, but for the reference loop, which is its fastest run.
+    Ratios are against `full` on the same engine and against the reference loop: LlamaGen's
+    own generate() with --llamagen-src (`llamagen`), else the project's stand-in for it
+    (`baseline`).
 
     Example: linear-export bench --engines torch,ort --policies full,linear:1/4 --out bench/
     """
