@@ -19,25 +19,26 @@ Decode = Callable[[torch.Tensor], torch.Tensor]  # codes [B, h, w] -> images [B,
 
 def open_engine(source: torch.nn.Module | Artifact | str | Path, engine: str | None = None, *,
                 device: str = "cpu", cuda_graph: bool = False,
-                threads: int | None = None) -> Engine:
+                threads: int | None = None, compile: bool = False) -> Engine:
     """An engine for a loaded model (torch) or an artifact or its directory (ort, tensorrt).
 
     `engine` defaults to torch for a model and ort for an artifact; `threads`: ort's intra-op
-    threads [default: all cores]."""
+    threads [default: all cores]; `compile`: the torch engine's decode steps under
+    torch.compile (for long runs: it compiles once per batch size)."""
     if engine is not None and engine not in ENGINES:
         raise UserError(f"Unknown engine '{engine}'; choose one of: {', '.join(ENGINES)}.")
     if isinstance(source, torch.nn.Module):
         if engine not in (None, "torch"):
             raise UserError(f"--engine {engine} runs a built artifact; build one with "
                             "linear-export build and pass --artifact DIR.")
-        opened = make_engine("torch", source, cuda_graph=cuda_graph)
+        opened = make_engine("torch", source, cuda_graph=cuda_graph, compile=compile)
         opened.source = getattr(source, "source", None)
         return opened
     if engine == "torch":
         raise UserError("--artifact runs on the ort or tensorrt engine; add --engine ort.")
     artifact = source if isinstance(source, Artifact) else load_artifact(source)
     opened = make_engine(engine or "ort", artifact=artifact, device=device,
-                         cuda_graph=cuda_graph, threads=threads)
+                         cuda_graph=cuda_graph, threads=threads, compile=compile)
     opened.source = None
     return opened
 

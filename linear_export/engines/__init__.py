@@ -25,21 +25,24 @@ def make_engine(
     device: str = "cpu",
     cuda_graph: bool = False,
     threads: int | None = None,
+    compile: bool = False,
 ) -> Engine:
     """An engine: torch runs an in-memory PyTorch model, ort and tensorrt an artifact directory.
 
-    `cuda_graph` (torch only): replay decode steps from a CUDA graph. `threads` (ort): intra-op
-    threads [default: all cores].
+    `cuda_graph` (torch only): replay decode steps from a CUDA graph. `compile` (torch only):
+    run decode steps under torch.compile. `threads` (ort): intra-op threads [default: all
+    cores].
     """
-    if cuda_graph and name != "torch":
-        raise UserError(f"--cuda-graph applies to the torch engine, not {name}; drop it or "
-                        "use --engine torch.")
+    for flag, given in (("--cuda-graph", cuda_graph), ("--compile", compile)):
+        if given and name != "torch":
+            raise UserError(f"{flag} applies to the torch engine, not {name}; drop it or use "
+                            "--engine torch.")
     if name == "torch":
         if model is None:
             raise ValueError("the torch engine needs a model")
         from .torch import TorchEngine
 
-        return TorchEngine(model, cuda_graph=cuda_graph)
+        return TorchEngine(model, cuda_graph=cuda_graph, compile=compile)
     if name == "tensorrt" and artifact is None:
         raise UserError("The tensorrt engine runs a built artifact's plans; pass --artifact DIR "
                         "from linear-export build --tensorrt.")

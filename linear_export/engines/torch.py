@@ -12,11 +12,16 @@ from .cache import KVCache
 
 
 class TorchEngine:
-    """Runs `model.step` eagerly; with `cuda_graph`, decode steps (T = 1) replay a CUDA graph."""
+    """Runs `model.step` eagerly; with `cuda_graph`, decode steps (T = 1) replay a CUDA graph;
+    with `compile`, decode steps run `model.decode` under torch.compile (inductor).
+
+    Compiling pays for long runs only (docs/speed.md: GPT-B 256 px on 2 CPU cores, 12% off a
+    step for a 45 s compile, again for every new batch size or capacity), so it is not the
+    default."""
 
     name = "torch"
 
-    def __init__(self, model: GPT, *, cuda_graph: bool = False):
+    def __init__(self, model: GPT, *, cuda_graph: bool = False, compile: bool = False):
         self.model = model.eval()
         self.config, self.layout = model.config, model.layout
         self.dtype = model.dtype
@@ -29,6 +34,9 @@ class TorchEngine:
             from .cuda_graph import DecodeGraphs  # raises a UserError off CUDA
 
             self.graphs = DecodeGraphs(self.model, self.device)
+        # Static shapes: one graph per (rows, capacity), as a run has; cache_len is a tensor.
+        self._decode = (torch.compile(self.model.decode, dynamic=False) if compile
+                        else self.model.decode)
         # Filled per step by a kernel: torch.tensor(cache_len) would be a host-to-device copy.
         self._cache_len = torch.zeros((), dtype=torch.long, device=self.device)
 
@@ -60,7 +68,8 @@ class TorchEngine:
                 input_ids, position_ids, cache.key, cache.value, self._cache_len,
                 inputs_embeds=embeds, score_position_ids=score_position_ids, **pool)
             return StepOutput(logits, present_key, present_value, attn_mass)
-        logits, present_key, present_value, present_query, _ = self.model.decode(
+        decode = self._decode if input_ids.shape[1] == 1 and embeds is None else self.model.decode
+        logits, present_key, present_value, present_query, _ = decode(
             input_ids, position_ids, cache.key, cache.value, self._cache_len,
             inputs_embeds=embeds, **pool)
         return StepOutput(logits, present_key, present_value, None, present_query)
