@@ -77,19 +77,21 @@ def test_an_unknown_weight_format_is_one_sentence(tmp_path) -> None:
     assert not (tmp_path / "x").exists()
 
 
-def test_verify_checks_an_int8_artifact_at_its_recorded_tolerances(tmp_path) -> None:
-    """build --weights int8, then verify: against the fp32 model at int8's tolerances, and
-    greedy tokens that differ from fp32's are reported, not failed."""
+@pytest.mark.parametrize("weight_format", ["int8", "w8a8"])
+def test_verify_checks_a_quantized_artifact_at_its_recorded_tolerances(
+        tmp_path, weight_format: str) -> None:
+    """build --weights W, then verify: against the fp32 model at W's tolerances, and greedy
+    tokens that differ from fp32's are reported, not failed."""
     from click.testing import CliRunner
 
     from linear_export.cli import main
 
-    out = tmp_path / "int8"
+    out = tmp_path / weight_format
     built = CliRunner().invoke(main, ["build", "--model", "GPT-tiny", "--image-size", "24",
-                                      "--random-weights", "--weights", "int8", "--max-batch",
-                                      "8", "--out", str(out)])
+                                      "--random-weights", "--weights", weight_format,
+                                      "--max-batch", "8", "--out", str(out)])
     assert built.exit_code == 0, built.output
-    assert load_artifact(out).weight_format == "int8"
+    assert load_artifact(out).weight_format == weight_format
     result = CliRunner().invoke(main, ["verify", str(out), "--batch", "2"])
     assert result.exit_code == 0, result.output
-    assert "int8 tolerances" in result.output and "result" in result.output
+    assert f"{weight_format} tolerances" in result.output and "result" in result.output

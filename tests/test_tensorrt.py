@@ -94,6 +94,19 @@ def test_build_config_rejects_impossible_values() -> None:
     assert TrtBuildConfig(max_batch=16, opt_batch=16).workspace_bytes == 4 * GiB
 
 
+@pytest.mark.parametrize("weights", ["int8", "w8a8"])
+def test_quantized_weights_are_not_built_into_tensorrt_plans(tmp_path, weights: str) -> None:
+    """ONNX Runtime's quantized MatMuls do not parse in TensorRT: one sentence before any
+    export, and nothing written."""
+    import linear_export as le
+
+    source = le.ModelSource(model="GPT-tiny", image_size=24, random_weights=True)
+    with pytest.raises(UserError, match=f"--weights {weights} makes ONNX Runtime's own"):
+        le.build(source, tmp_path / "art", weights=weights,
+                 tensorrt=TrtBuildConfig(max_batch=8, opt_batch=4))
+    assert not (tmp_path / "art").exists()
+
+
 def test_manifest_records_plans_version_and_gpu() -> None:
     config = TrtBuildConfig(max_batch=16, opt_batch=8, timing_cache="/somewhere/shared.cache")
     record = tensorrt_record(trt_version="11.2.1", gpu="NVIDIA H200", capability="9.0",

@@ -47,7 +47,7 @@ class BuildOptions:
     budget: str = "1/4"
     max_batch: int = 64  # most rows per step (CFG doubles the rows)
     attention: str | None = None  # gqa (ONNX Runtime's fused op) or math; None: gqa, math w/ TRT
-    weights: str = "fp32"  # fp32, int8, int4 (weight-only MatMulNBits)
+    weights: str = "fp32"  # fp32, int8, int4 (weight-only MatMulNBits), w8a8 (dynamic int8)
     opset: int = DEFAULT_OPSET
     cache_inputs: str = "per-layer"  # or "stacked", the contract's [L, B, Hkv, C, D] form
     head_shared: bool = False  # slot_owner input: per-head budgets' pooled cache
@@ -66,6 +66,12 @@ def build(source: ModelSource, out: str | Path, options: BuildOptions | None = N
     if options.tensorrt is not None and options.attention == "gqa":
         raise UserError("--attention gqa is ONNX Runtime's own op, which TensorRT cannot parse; "
                         "drop --attention (math is the default with --tensorrt).")
+    if options.tensorrt is not None and options.weights != "fp32":
+        # MatMulNBits and MatMulInteger are ONNX Runtime's ops; a TensorRT weight-only Q/DQ
+        # export is not built (docs/gpu.md).
+        raise UserError(f"--weights {options.weights} makes ONNX Runtime's own quantized "
+                        "MatMuls, which TensorRT cannot parse; drop --weights with --tensorrt, "
+                        "or build the quantized artifact without --tensorrt for ONNX Runtime.")
     attention = options.attention or ("math" if options.tensorrt is not None else "gqa")
     options = replace(options, attention=attention)
     out = Path(out)

@@ -27,7 +27,8 @@ from ..outputs import check_writable, write_directory
               help="janus/lumina: the prefix capacity (prompt tokens per row).")
 @click.option("--image-size", type=int, default=None, help="Image side in pixels [default: 256].")
 @click.option("--engines", default=None,
-              help="Comma-separated engines: torch, ort, tensorrt [default: torch,ort].")
+              help="Comma-separated engines: torch, ort, tensorrt, and ort-int8, ort-int4, "
+                   "ort-w8a8 (ort on an artifact with those weights) [default: torch,ort].")
 @click.option("--policies", default=None,
               help="Comma-separated NAME[:BUDGET][:KNOB=VALUE...] specs, e.g. "
                    "linear:1/4:lookahead=0 (knobs: PolicyConfig fields); full is always added "

@@ -53,9 +53,11 @@ def directory_bytes(path: Path) -> int:
                    "(what TensorRT parses). [default: gqa, math with --tensorrt]")
 @click.option("--weights", "weight_format", type=click.Choice(WEIGHT_FORMATS), default="fp32",
               show_default=True,
-              help="Weight-only precision of the graphs' MatMuls: fp32 keeps --dtype; int8 or "
-                   "int4 use ONNX Runtime's MatMulNBits (block 32, int8 compute on "
-                   "VNNI/AMX CPUs). Quality and speed of each: docs/speed.md.")
+              help="Precision of the graphs' weight MatMuls: fp32 keeps --dtype; int8 or "
+                   "int4 use ONNX Runtime's weight-only MatMulNBits (block 32, int8 compute "
+                   "on VNNI/AMX CPUs); w8a8 its dynamic quantization (int8 weights per "
+                   "channel, activations quantized per step; the fastest on VNNI CPUs). "
+                   "Quality and speed of each: docs/speed.md.")
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True,
               help="ONNX opset.")
 @click.option("--cache-inputs", type=click.Choice(["stacked", "per-layer"]), default="per-layer",

@@ -123,9 +123,9 @@ class HFDecoderStep(nn.Module):
 
     def line_scores(self, line_query, score_shifts, past_key, cache_len):
         """LineAR's scores at a line end, [L, B, Hkv, C] (GPT.line_scores' contract)."""
-        rotated = self.rotate_queries(line_query, score_shifts)
-        scale = self.config.head_dim ** -0.5
-        return torch.stack([line_mass(rotated[layer], past_key[layer], cache_len, scale)
+        scale = self.config.head_dim ** -0.5  # a layer at a time, as GPT.line_scores says why
+        return torch.stack([line_mass(self.rotate_queries(line_query[layer], score_shifts),
+                                      past_key[layer], cache_len, scale)
                             for layer in range(len(self.layers))])
 
     def step(
