@@ -35,8 +35,7 @@ class TorchEngine:
 
             self.graphs = DecodeGraphs(self.model, self.device)
         # Static shapes: one graph per (rows, capacity), as a run has; cache_len is a tensor.
-        self._decode = (torch.compile(self.model.decode, dynamic=False) if compile
-                        else self.model.decode)
+        self._compiled = torch.compile(self.model.decode, dynamic=False) if compile else None
         # Filled per step by a kernel: torch.tensor(cache_len) would be a host-to-device copy.
         self._cache_len = torch.zeros((), dtype=torch.long, device=self.device)
 
@@ -68,7 +67,8 @@ class TorchEngine:
                 input_ids, position_ids, cache.key, cache.value, self._cache_len,
                 inputs_embeds=embeds, score_position_ids=score_position_ids, **pool)
             return StepOutput(logits, present_key, present_value, attn_mass)
-        decode = self._decode if input_ids.shape[1] == 1 and embeds is None else self.model.decode
+        compiled = self._compiled is not None and input_ids.shape[1] == 1 and embeds is None
+        decode = self._compiled if compiled else self.model.decode
         logits, present_key, present_value, present_query, _ = decode(
             input_ids, position_ids, cache.key, cache.value, self._cache_len,
             inputs_embeds=embeds, **pool)
