@@ -26,7 +26,7 @@ from pathlib import Path
 import onnx
 
 WEIGHT_FORMATS = ("fp32", "int8", "int4", "w8a8")  # `build --weights`; fp32: the graph's dtype
-QUANTIZED_OPS = ("MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul")
+QUANTIZED_OPS = ("MatMulNBits", "MatMulInteger")  # as written; sessions fuse MatMulInteger
 BLOCK_SIZE = 32
 ACCURACY_LEVEL = 4  # int8 compute
 

@@ -125,8 +125,9 @@ class Result:
 
     A reference loop (LlamaGen's generate(), or the stand-in) is its fastest repeat instead:
     the peer in its best run. LlamaGen's fp32 loop on this project's CPU runs at two speeds
-    from one process to the next (GPT-B 256 px, 8 images: 127-150 or 270-310 ms a step, the
-    difference all in its weight matmuls), so a median could make every ratio twice too kind.
+    from one process to the next (GPT-B 256 px, 8 images: 127-155 or 266-330 ms a step, the
+    difference all in its weight matmuls; docs/speed.md), so a median could make every ratio
+    twice too kind.
     """
 
     engine: str
@@ -147,15 +148,15 @@ class Result:
 
     @classmethod
     def from_runs(cls, job: Job, runs: list[Measurement]) -> Result:
-        def median(name: str):
-            values = [getattr(run, name) for run in runs]
-            if None in values:
-                return None
-            if job.engine in REFERENCES and name in ("images_per_s", "step_ms"):
-                return values[max(range(len(runs)), key=lambda i: runs[i].images_per_s)]
-            return statistics.median(values)
+        def median(name: str, of: list[Measurement] = runs):
+            values = [getattr(run, name) for run in of]
+            return None if None in values else statistics.median(values)
 
-        return cls(job.engine, job.policy, job.batch, median("images_per_s"), median("step_ms"),
+        # The speed of a reference is its fastest run's (the median of that one run).
+        timed = [max(runs, key=lambda run: run.images_per_s)] if job.engine in REFERENCES \
+            else runs
+        return cls(job.engine, job.policy, job.batch, median("images_per_s", timed),
+                   median("step_ms", timed),
                    runs[0].kv_capacity, runs[0].kv_bytes, int(median("peak_rss_bytes")),
                    median("peak_cuda_bytes"), runs)
 
