@@ -49,12 +49,12 @@ class OraclePolicy(Policy):
         super().__init__(config, layout)
         self.future, self.later_lines, self.linear_heads = future, later_lines, linear_heads
 
-    def select(self, positions, scores, finished_line, cfg, owner=None):
+    def select(self, positions, scores, finished_line, cfg):
         later = self.future[:, :, :, ranking_lines(finished_line, self.later_lines)].sum(3)
         priority = later.gather(-1, positions.clamp(max=later.shape[-1] - 1)).to(scores)
         for layer, head in self.linear_heads:
             priority[layer, :, head] = scores[layer, :, head]
-        return super().select(positions, priority, finished_line, cfg, owner)
+        return super().select(positions, priority, finished_line, cfg)
 
 
 @click.command()

@@ -19,6 +19,7 @@ from linear_export.export.artifact import (
     load_artifact,
     sha256_file,
 )
+from linear_export.export.consistency import DIGEST, manifest_digest
 from linear_export.export.onnx_step import TensorSpec
 from linear_export.export.reference import reference_model
 
@@ -37,7 +38,7 @@ def test_manifest_fields() -> None:
     artifact = load_artifact(built(**TINY))
     manifest = artifact.manifest
     model = model_for()
-    assert manifest["schema_version"] == SCHEMA_VERSION == 5
+    assert manifest["schema_version"] == SCHEMA_VERSION == 6
     assert manifest["model"]["name"] == "GPT-tiny"
     assert manifest["model"]["config"] == asdict(model.config)
     assert manifest["layout"] == {"prefix": 1, "height": 6, "width": 6}
@@ -100,6 +101,15 @@ def test_other_schema_versions_and_missing_directories_are_refused(copy: Path) -
     manifest["schema_version"] = 99
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="schema version 99"):
+        load_artifact(copy)
+    manifest["schema_version"] = 5  # the same graphs, unless built for per-head budgets
+    manifest[DIGEST] = manifest_digest(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert load_artifact(copy).capacity == manifest["capacity"]
+    manifest["build"]["head_shared"] = True  # its step took slot_owner
+    manifest[DIGEST] = manifest_digest(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="schema version 5 with per-head budgets"):
         load_artifact(copy)
     with pytest.raises(UserError, match="does not exist"):
         load_artifact(copy.parent / "nowhere")

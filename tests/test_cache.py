@@ -1,4 +1,4 @@
-"""The cache pool: append at cache_len, gather-and-compact, byte accounting."""
+"""The KV cache: append at each head's length, gather-and-compact, byte accounting."""
 
 from __future__ import annotations
 
@@ -61,36 +61,37 @@ def test_compact_moves_kept_slots_to_the_front_per_head() -> None:
     assert torch.equal(cache.key[:, :, :, 3:4], new)
 
 
-def test_compact_across_rows_lays_kept_slots_row_by_row_with_their_owners() -> None:
+def test_heads_keep_their_own_counts_and_the_rest_of_their_rows_is_dead() -> None:
+    """Per-head budgets: a head that keeps fewer ends its row of `keep` with -1s; its slots
+    from its count up to cache_len are dead (position -1), and new tokens land at cache_len
+    in every head."""
     cache = KVCache(CacheShape(n_layer=2, batch=3, n_kv_head=2, capacity=6, head_dim=4),
                     torch.float32, head_shared=True)
-    assert cache.owner[1, 2].tolist() == [[0] * 6, [1] * 6]
     keys = torch.randn(2, 3, 2, 5, 4)
     cache.append(keys, keys * 2, torch.arange(5))
     scores = torch.randn(2, 3, 2, 6)
     original_scores = scores.clone()
-    # 6 of the 10 live slots per (layer, row): head 0 keeps 4, head 1 keeps 2 (flat r * 5 + c).
-    keep = torch.tensor([0, 1, 3, 4, 6, 9]).expand(2, 3, 6).clone()
-    keep[1, 0] = torch.tensor([2, 5, 6, 7, 8, 9])  # head 0 keeps 1, head 1 keeps 5
+    keep = torch.tensor([[0, 2, 4], [1, 3, -1]]).expand(2, 3, 2, 3).clone()
+    keep[1, 0] = torch.tensor([[4, -1, -1], [0, 1, 2]])  # head 0 keeps 1, head 1 keeps 3
     cache.compact(keep, scores)
     assert cache.cache_len == 3
     for layer in range(2):
         for row in range(3):
-            for index, flat in enumerate(keep[layer, row].tolist()):
-                head, slot = divmod(flat, 5)
-                new_row, new_slot = divmod(index, 3)
-                assert torch.equal(cache.key[layer, row, new_row, new_slot],
-                                   keys[layer, row, head, slot])
-                assert torch.equal(cache.value[layer, row, new_row, new_slot],
-                                   2 * keys[layer, row, head, slot])
-                assert cache.owner[layer, row, new_row, new_slot] == head
-                assert cache.positions[layer, row, new_row, new_slot] == slot
-                assert scores[layer, row, new_row, new_slot] == original_scores[layer, row, head,
-                                                                                slot]
-    assert cache.owner[1, 0, :, :3].tolist() == [[0, 1, 1], [1, 1, 1]]
-    # The free tail is each row's own again, for the tokens that land there next.
-    assert cache.owner[..., 3:].tolist() == KVCache(cache.shape, torch.float32,
-                                                    head_shared=True).owner[..., 3:].tolist()
-    assert torch.all(cache.positions[..., 3:] == -1) and torch.all(scores[..., 3:] == 0)
-    with pytest.raises(ValueError, match="evenly"):
-        cache.compact(keep[..., :5])
+            for head in range(2):
+                count = int((keep[layer, row, head] >= 0).sum())
+                slots = keep[layer, row, head, :count]
+                assert torch.equal(cache.key[layer, row, head, :count],
+                                   keys[layer, row, head, slots])
+                assert torch.equal(cache.value[layer, row, head, :count],
+                                   2 * keys[layer, row, head, slots])
+                assert cache.positions[layer, row, head].tolist() == slots.tolist() + [-1] * (
+                    6 - count)
+                assert torch.equal(scores[layer, row, head, :count],
+                                   original_scores[layer, row, head, slots])
+                assert torch.all(scores[layer, row, head, count:] == 0)
+    new = torch.randn(2, 3, 2, 1, 4)
+    cache.append(new, -new, torch.tensor([9]))
+    assert cache.cache_len == 4 and torch.equal(cache.key[:, :, :, 3:4], new)
+    assert cache.positions[1, 0].tolist() == [[4, -1, -1, 9, -1, -1], [0, 1, 2, 9, -1, -1]]
+    with pytest.raises(ValueError, match="head_shared=True"):
+        make_cache().compact(torch.tensor([0, -1]).expand(2, 3, 2, 2))

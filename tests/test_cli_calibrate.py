@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -55,6 +57,34 @@ def test_generate_with_head_budgets_on_torch_and_ort(head_budgets, tmp_path,
     assert np.array_equal(np.load(tmp_path / "torch.npy"), np.load(tmp_path / "ort.npy"))
     manifests = list((tmp_path / "cache").glob("*/manifest.json"))
     assert len(manifests) == 1 and '"head_shared": true' in manifests[0].read_text()
+
+
+def test_build_with_head_budgets_sizes_the_cache_for_the_largest_head(head_budgets,
+                                                                       tmp_path) -> None:
+    out = tmp_path / "art"
+    built = run("build", *TINY, "--budget", "2lines", "--head-budgets", str(head_budgets),
+                "--out", str(out))
+    assert built.exit_code == 0, built.output
+    config = get_config("GPT-tiny-gqa")
+    layout = SequenceLayout.for_image(config, 16)
+    table = load_head_budgets(head_budgets).tables[8]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["build"]["head_shared"] and manifest["build"]["attention"] == "gqa"
+    assert manifest["capacity"] == layout.prefix + int(table.max()) + layout.width
+    assert "per-head budgets" in built.output
+    common = ["--classes", "3", "--budget", "2lines", "--temperature", "0", "--head-budgets",
+              str(head_budgets)]
+    ort_run = run("generate", "--engine", "ort", "--artifact", str(out), *common,
+                  "--save-tokens", str(tmp_path / "ort.npy"))
+    torch_run = run("generate", *TINY, *common, "--save-tokens", str(tmp_path / "torch.npy"))
+    assert ort_run.exit_code == 0 and torch_run.exit_code == 0, ort_run.output + torch_run.output
+    assert np.array_equal(np.load(tmp_path / "torch.npy"), np.load(tmp_path / "ort.npy"))
+    plain = run("generate", "--engine", "ort", "--artifact", str(out), *common[:-2])
+    assert plain.exit_code == 0, plain.output  # a uniform budget fits the larger cache too
+    bad = run("build", *TINY, "--budget", "3lines", "--head-budgets", str(head_budgets),
+              "--out", str(tmp_path / "bad"))
+    assert bad.exit_code == 2 and "no table for a budget of 12" in bad.output
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize(("args", "phrase"), [

@@ -163,7 +163,7 @@ def test_head_shared_pool_with_equal_budgets_is_the_plain_cache(cfg_scale: float
 
 def test_head_shared_pool_keeps_each_heads_count_and_attends_to_what_it_holds() -> None:
     """The runtime's NLL equals a plain forward pass in which each (layer, kv head) sees only
-    the keys that, by the cache after each line, its pool still holds."""
+    the keys that, by the cache after each line, its own slots still hold."""
     model = tiny_model("GPT-tiny-gqa", height=6, width=4)
     config, layout = model.config, model.layout
     table = head_budget_table(config.n_layer, config.kv_heads, skewed=True)
@@ -171,14 +171,10 @@ def test_head_shared_pool_keeps_each_heads_count_and_attends_to_what_it_holds() 
     held_after = {}
 
     def record(line, cache):
-        live = cache.cache_len
-        index = cache.positions[..., :live].flatten(2)
-        held = []
-        for head in range(config.kv_heads):
-            mine = (cache.owner[..., :live] == head).flatten(2).long()
-            held.append(torch.zeros(*index.shape[:2], layout.length, dtype=torch.long)
-                        .scatter_add_(-1, index, mine) > 0)
-        held_after[line] = torch.stack(held, 2)  # [L, B, Hkv, length]
+        index = cache.positions[..., :cache.cache_len]  # each row is one kv head's; -1: dead
+        held = torch.zeros(*index.shape[:3], layout.length, dtype=torch.long)
+        held.scatter_add_(-1, index.clamp(min=0), (index >= 0).long())
+        held_after[line] = held > 0  # [L, B, Hkv, length]
 
     result = generate(TorchEngine(model), labels,
                       policy("linear", layout, 8, recent_lines=1, head_budgets=table),

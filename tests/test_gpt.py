@@ -169,46 +169,37 @@ def test_class_tokens_use_the_class_table() -> None:
 
 
 @pytest.mark.parametrize("name", ["GPT-tiny", "GPT-tiny-gqa"])
-def test_head_shared_pool_reads_each_slot_as_its_owner(name: str) -> None:
-    """Slots shuffled across the rows of a layer, each tagged with its kv head, give the same
-    logits; the mass follows each slot to where it now lies. Identity owners change nothing."""
+def test_dead_slots_of_a_head_are_never_read(name: str) -> None:
+    """slot_positions all live is the plain step; a kv head never reads its slots at
+    position -1 (what they hold changes nothing), and decode() gives step()'s logits."""
     model = tiny_model(name)
     config = model.config
     heads, group, live, capacity = config.kv_heads, config.n_head // config.kv_heads, 5, 8
     ids, positions = random_sequence(model, batch=2)
-    score_positions = positions[:, None, live:live + 2] + torch.tensor([[[0], [4]]])
+    step = (ids[:, live:live + 1], positions[:, live:live + 1])
     with torch.no_grad():
-        prefill = run_steps(model, ids, positions, [live], capacity=capacity, garbage=3.0)[0]
+        prefill = run_steps(model, ids, positions, [live], capacity=capacity)[0]
         shape = (config.n_layer, 2, heads, capacity, config.head_dim)
         past_key, past_value = torch.full(shape, 3.0), torch.full(shape, 3.0)
         past_key[:, :, :, :live], past_value[:, :, :, :live] = prefill[1], prefill[2]
-        step = (ids[:, live:live + 2], positions[:, live:live + 2])
-        reference = model.step(*step, past_key, past_value, torch.tensor(live),
-                               score_position_ids=score_positions)
-        rows = torch.arange(heads).view(1, 1, heads, 1).expand(config.n_layer, 2, -1, capacity)
-        identity = model.step(*step, past_key, past_value, torch.tensor(live),
-                              score_position_ids=score_positions, slot_owner=rows.contiguous())
-        # Every (layer, batch row) gets its own shuffle of the live slots over all kv rows.
-        live_flat = (torch.arange(heads)[:, None] * capacity + torch.arange(live)).flatten()
-        owner = rows.clone().flatten(2)
-        pooled_key, pooled_value = past_key.clone().flatten(2, 3), past_value.clone().flatten(2, 3)
-        sources = torch.empty(config.n_layer, 2, len(live_flat), dtype=torch.long)
-        for layer in range(config.n_layer):
-            for row in range(2):
-                source = live_flat[torch.randperm(len(live_flat))]
-                sources[layer, row] = source
-                pooled_key[layer, row, live_flat] = past_key.flatten(2, 3)[layer, row, source]
-                pooled_value[layer, row, live_flat] = past_value.flatten(2, 3)[layer, row, source]
-                owner[layer, row, live_flat] = source // capacity
-        pooled = model.step(*step, pooled_key.view(shape), pooled_value.view(shape),
-                            torch.tensor(live), score_position_ids=score_positions,
-                            slot_owner=owner.view(rows.shape))
-    for out in (identity, pooled):
-        torch.testing.assert_close(out[0], reference[0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(identity[3], reference[3])
-    per_row = reference[3].view(config.n_layer, 2, heads, group, capacity).sum(3).flatten(2)
-    pooled_per_row = pooled[3].view(config.n_layer, 2, heads, group, capacity).sum(3).flatten(2)
-    assert pooled_per_row[..., live_flat].min() > 0
-    torch.testing.assert_close(pooled_per_row[..., live_flat], per_row.gather(-1, sources),
-                               atol=1e-5, rtol=0)
-    assert torch.all(pooled[3].view(*rows.shape[:3], group, capacity)[..., live:] == 0)
+        plain = model.step(*step, past_key, past_value, torch.tensor(live))
+        slots = torch.full(shape[:4], -1)
+        slots[..., :live] = torch.arange(live)
+        same = model.step(*step, past_key, past_value, torch.tensor(live), slot_positions=slots)
+        slots[0, 1, heads - 1, 1:3] = -1  # layer 0, row 1, the last kv head lost two slots
+        fewer = []
+        for garbage in (3.0, -50.0):
+            past_key[0, 1, heads - 1, 1:3] = past_value[0, 1, heads - 1, 1:3] = garbage
+            out = model.step(*step, past_key, past_value, torch.tensor(live),
+                             slot_positions=slots)
+            decoded = model.decode(*step, past_key, past_value, torch.tensor(live),
+                                   slot_positions=slots)
+            torch.testing.assert_close(decoded[0], out[0], atol=1e-5, rtol=0)
+            fewer.append(out)
+    torch.testing.assert_close(same[0], plain[0], atol=0, rtol=0)
+    torch.testing.assert_close(same[3], plain[3], atol=0, rtol=0)
+    torch.testing.assert_close(fewer[0][0], fewer[1][0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(fewer[0][0][0], plain[0][0], atol=1e-6, rtol=0)  # row 0
+    assert (fewer[0][0][1] - plain[0][0][1]).abs().max() > 1e-4
+    mass = fewer[0][3][0, 1, -group:]
+    assert torch.all(mass[:, 1:3] == 0) and torch.all(mass[:, [0, 3, 4]] > 0)

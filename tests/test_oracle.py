@@ -103,11 +103,10 @@ def test_line_scores_are_the_runtimes_scores_before_its_first_eviction(subject,
     seen = {}
     plain_select = policy.select
 
-    def select(positions, scores, finished_line, cfg, owner=None):
+    def select(positions, scores, finished_line, cfg):
         if scores is not None:  # lines that end without an eviction are not scored
             seen.setdefault(finished_line, (positions.clone(), scores.clone()))
-        return plain_select(positions, scores, finished_line=finished_line, cfg=cfg,
-                            owner=owner)
+        return plain_select(positions, scores, finished_line=finished_line, cfg=cfg)
 
     policy.select = select
     generate(TorchEngine(model), labels, policy, SamplingConfig(cfg_scale=1.0),

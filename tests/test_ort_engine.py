@@ -176,17 +176,20 @@ def skewed_head_budgets(model) -> torch.Tensor:
 
 def test_head_shared_artifact_runs_per_head_budgets_as_torch_does() -> None:
     model = model_for("GPT-tiny-gqa")
-    engine = OrtEngine(built("GPT-tiny-gqa", capacity=19, split_cache=True,
+    engine = OrtEngine(built("GPT-tiny-gqa", capacity=25, split_cache=True,
                              head_shared=True))
-    assert engine.artifact.head_shared and engine.artifact.manifest["schema_version"] == 5
+    assert engine.artifact.head_shared and engine.artifact.manifest["schema_version"] == 6
+    assert engine.artifact.manifest["build"]["attention"] == "gqa"  # the fused kernel
     layout = model.layout
     pooled = Policy(PolicyConfig("linear", budget=12, head_budgets=skewed_head_budgets(model)),
                     layout)
     plain = Policy(PolicyConfig("linear", budget=12), layout)
-    assert pooled.capacity == plain.capacity == engine.capacity
+    # A row holds one kv head's slots: the largest count (18) plus the prefix and a line.
+    assert pooled.capacity == engine.capacity == 25 and plain.capacity == 19
     truth = torch.randint(0, model.config.vocab_size, (3, 6, 6))
     teacher = SamplingConfig(cfg_scale=1.0)
-    for policy in (pooled, plain):  # a plain cache runs on it too, each slot its row's own
+    # A plain cache runs on it too, every head holding cache_len slots.
+    for policy in (pooled, fit_policy(plain, engine.capacity)):
         want = generate(TorchEngine(model), [1, 2, 3], policy, teacher, teacher_tokens=truth)
         got = generate(engine, [1, 2, 3], policy, teacher, teacher_tokens=truth)
         assert got.stats.evictions == want.stats.evictions == 3
@@ -204,5 +207,5 @@ def test_plain_artifact_refuses_per_head_budgets() -> None:
     table = torch.full((5, model.config.n_layer, model.config.kv_heads), 12)
     table[0] = 6
     pooled = Policy(PolicyConfig("linear", budget=12, head_budgets=table), model.layout)
-    with pytest.raises(UserError, match="--head-shared"):
+    with pytest.raises(UserError, match="built without --head-budgets"):
         generate(engine, [1], fit_policy(pooled, engine.capacity), GREEDY)

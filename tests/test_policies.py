@@ -263,23 +263,49 @@ def test_position_prior_alone_keeps_the_prior_top_keys() -> None:
         assert sorted(chosen) == sorted(ranked[:10 - 4])
 
 
-def test_position_prior_follows_each_slots_owner_in_a_pool() -> None:
+def test_position_prior_is_weighed_per_head_and_dead_slots_are_never_kept() -> None:
     policy = prior_policy(0.5)
     positions, scores = live_state(LAYOUT, lines=3)
-    owner = torch.randint(0, 3, positions.shape)
-    priority = policy.priority(positions, scores, 2, cfg=False, owner=owner)
+    positions[0, 1, 2, 5], scores[0, 1, 2, 5] = -1, 0.0  # a dead slot of a shorter head
+    priority = policy.priority(positions, scores, 2, cfg=False)
     prior, weight = policy.config.position_prior[2], policy.config.prior_weight
     for index in torch.cartesian_prod(*(torch.arange(n) for n in positions.shape)):
-        layer, batch, row, slot = index.tolist()
-        token = int(positions[layer, batch, row, slot]) - LAYOUT.prefix
-        if token < 0 or token >= 8:
-            assert priority[layer, batch, row, slot] == float("inf")
-            continue
-        head = int(owner[layer, batch, row, slot])
-        owned = scores[layer, batch][owner[layer, batch] == head].sum()
-        expected = (scores[layer, batch, row, slot] / owned
-                    + weight[layer, head] * prior[layer, head, token])
-        assert torch.isclose(priority[layer, batch, row, slot], expected)
+        layer, batch, head, slot = index.tolist()
+        token = int(positions[layer, batch, head, slot]) - LAYOUT.prefix
+        if positions[layer, batch, head, slot] < 0:
+            assert priority[layer, batch, head, slot] == -float("inf")
+        elif token < 0 or token >= 8:
+            assert priority[layer, batch, head, slot] == float("inf")
+        else:
+            expected = (scores[layer, batch, head, slot] / scores[layer, batch, head].sum()
+                        + weight[layer, head] * prior[layer, head, token])
+            assert torch.isclose(priority[layer, batch, head, slot], expected)
+
+
+def test_head_budgets_keep_each_heads_best_count_of_its_own_slots() -> None:
+    """Each head keeps its table count of the prefix and image tokens, its best by score
+    (the recent line always): an independent sort per head. Fewer than the most: -1s."""
+    lines, layers, heads = LAYOUT.height - 1, 2, 3
+    table = torch.tensor([min((line + 1) * LAYOUT.width, 8) for line in range(lines)])
+    table = table.view(-1, 1, 1).expand(lines, layers, heads).clone()
+    table[2:] = torch.tensor([[4, 8, 12], [10, 6, 8]])  # uneven, 24 per layer
+    policy = Policy(PolicyConfig("linear", budget=8, recent_lines=1, head_budgets=table), LAYOUT)
+    assert policy.capacity == LAYOUT.prefix + 12 + LAYOUT.width
+    positions, scores = live_state(LAYOUT, lines=3)
+    positions[1, 0, 1, -1], scores[1, 0, 1, -1] = -1, 0.0  # a head that holds one fewer
+    keep = policy.select(positions, scores, 2, cfg=False)
+    assert keep.shape[-1] == LAYOUT.prefix + 12
+    for layer, batch, head in torch.cartesian_prod(*(torch.arange(n) for n in (2, 2, 3))):
+        row = keep[layer, batch, head]
+        count = int(table[2, layer, head])
+        live = [slot for slot in range(positions.shape[-1])
+                if positions[layer, batch, head, slot] >= 0]
+        always = [slot for slot in live if positions[layer, batch, head, slot] < LAYOUT.prefix
+                  or positions[layer, batch, head, slot] >= LAYOUT.prefix + 8]
+        rest = sorted((slot for slot in live if slot not in always),
+                      key=lambda slot: -scores[layer, batch, head, slot].item())
+        expected = sorted(always + rest[:LAYOUT.prefix + count - len(always)])
+        assert row.tolist() == expected + [-1] * (len(row) - len(expected))
 
 
 @pytest.mark.parametrize(("change", "phrase"), [

@@ -20,6 +20,7 @@ from .models import (
     DEFAULT_CFG_SCALE,
     DEMO_CFG_SCALE,
     ModelSource,
+    default_cfg_scale,
     demo_source,
     load_model,
     load_source,
@@ -36,8 +37,8 @@ __all__ = [
     "Artifact", "BenchOptions", "BenchReport", "BuildOptions", "CalibrationSettings",
     "DEFAULT_CFG_SCALE", "DEMO_CFG_SCALE", "EvalModel", "Generation", "ModelSource", "Policy",
     "SampleSpec", "SampleSummary", "SamplingConfig", "UserError", "bench", "build", "cache_root",
-    "cached_artifact", "calibrate", "demo_source", "evaluate", "fit_engine", "generate",
-    "load_artifact", "load_artifact_for", "load_decoder", "load_model", "load_source",
+    "cached_artifact", "calibrate", "default_cfg_scale", "demo_source", "evaluate", "fit_engine",
+    "generate", "load_artifact", "load_artifact_for", "load_decoder", "load_model", "load_source",
     "load_vq_decoder", "make_policy", "model_directory", "open_engine", "open_source",
     "parse_classes", "prompt_conditions", "sample", "verify",
 ]

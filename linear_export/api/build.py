@@ -23,7 +23,7 @@ from ..export.artifact import (
     tool_versions,
 )
 from ..export.onnx_step import DEFAULT_OPSET
-from ..models import SequenceLayout, get_config
+from ..models import GPTConfig, SequenceLayout, get_config
 from ..models.families import (
     HF_FAMILIES,
     check_family,
@@ -50,7 +50,9 @@ class BuildOptions:
     weights: str = "fp32"  # fp32, int8, int4 (weight-only MatMulNBits), w8a8 (dynamic int8)
     opset: int = DEFAULT_OPSET
     cache_inputs: str = "per-layer"  # or "stacked", the contract's [L, B, Hkv, C, D] form
-    head_shared: bool = False  # slot_owner input: per-head budgets' pooled cache
+    # A per-head budgets file (linear-export calibrate): the step takes slot_positions, and the
+    # cache holds the largest count its table gives a kv head at `budget`.
+    head_budgets: str | None = None
     vq_checkpoint: str | None = None  # also export this VQ decoder
     vq_model: str = "VQ-16"
     tensorrt: object | None = None  # an export.tensorrt.TrtBuildConfig: also build plans
@@ -88,9 +90,9 @@ def _check(source: ModelSource, out: Path, options: BuildOptions, force: bool) -
     """Everything that needs no weights, before minutes of loading and export."""
     family = source.family
     check_family(family, source.checkpoint)
-    if options.head_shared and family != "llamagen":
-        raise UserError(f"--head-shared serves per-head budgets, which run on LlamaGen "
-                        f"class-to-image models for now, not --family {family}; drop it.")
+    if options.head_budgets is not None and family != "llamagen":
+        raise UserError(f"--head-budgets run on LlamaGen class-to-image models for now, not "
+                        f"--family {family}; drop it.")
     if family in ("llamagen", "llamagen-t2i") and source.checkpoint is None \
             and not source.random_weights:
         kind = "c2i" if family == "llamagen" else "t2i"
@@ -113,9 +115,16 @@ def _check(source: ModelSource, out: Path, options: BuildOptions, force: bool) -
         raise UserError(f"--vq-checkpoint exports LlamaGen's or Chameleon's VQ decoder; "
                         f"--family {family} decodes with its own tokenizer, which artifacts "
                         "do not hold yet.")
-    if family == "llamagen":  # a bad budget fails before the weights load
-        layout = SequenceLayout.for_image(get_config(source.model), source.image_size)
-        layout_policy(layout, options.policy, options.budget)
+    if family == "llamagen":  # a bad budget or budgets file fails before the weights load
+        _policy(options, get_config(source.model),
+                SequenceLayout.for_image(get_config(source.model), source.image_size))
+
+
+def _policy(options: BuildOptions, config: GPTConfig, layout: SequenceLayout) -> Policy:
+    """The policy the artifact's cache is sized for (and its graphs: slot_positions or not)."""
+    head_budgets = {} if options.head_budgets is None else {
+        "head_budgets": options.head_budgets, "model_config": config}
+    return layout_policy(layout, options.policy, options.budget, **head_budgets)
 
 
 def _weights_record(source: ModelSource, stage: Log) -> dict:
@@ -127,7 +136,9 @@ def _weights_record(source: ModelSource, stage: Log) -> dict:
 
 
 def _export(source: ModelSource, out: Path, options: BuildOptions, force: bool,
-            log: Log) -> Artifact:
+            log: Log, policy: Policy | None = None) -> Artifact:
+    """`policy`: what the cache is sized for, in place of options.policy, budget and
+    head_budgets (the per-user cache builds for a policy it was given)."""
     _check(source, out, options, force)
     started = time.perf_counter()
 
@@ -142,8 +153,7 @@ def _export(source: ModelSource, out: Path, options: BuildOptions, force: bool,
     weights = _weights_record(source, stage)
     model_name = (Path(source.checkpoint).resolve().name if source.family in HF_FAMILIES
                   else source.model)
-    chosen = layout_policy(model.family.token_layout(model.layout), options.policy,
-                                 options.budget)
+    chosen = policy or _policy(options, model.config, model.family.token_layout(model.layout))
     vq_decoder = None
     if options.vq_checkpoint is not None:
         vq_model = CHAMELEON_VQ if source.family == "lumina" else options.vq_model
@@ -154,12 +164,14 @@ def _export(source: ModelSource, out: Path, options: BuildOptions, force: bool,
     build_options = {"policy": chosen.name,
                      "budget": None if chosen.name == "full" else options.budget,
                      "budget_tokens": chosen.budget}
+    if options.head_budgets is not None:
+        build_options["head_budgets"] = str(Path(options.head_budgets).resolve())
     artifact = build_artifact(
         model, out, model_name=model_name, image_size=source.image_size, weights=weights,
         capacity=chosen.capacity, build_options=build_options, max_batch=options.max_batch,
         opset=options.opset, split_cache=options.cache_inputs == "per-layer",
         attention=options.attention, weight_format=options.weights,
-        head_shared=options.head_shared, force=force, log=stage, vq_decoder=vq_decoder,
+        head_shared=chosen.head_shared, force=force, log=stage, vq_decoder=vq_decoder,
     )
     stage("done")
     return artifact
@@ -201,11 +213,12 @@ def cached_artifact(source: ModelSource, policy: Policy, rows: int,
         log(f"Building an ort artifact for {source.model} ({policy.capacity} cache slots) into "
             f"{out}; later runs reuse it.")
         budget = str(policy.budget) if policy.name != "full" else "1/4"
-        # Nobody sees this graph: the faster, copy-free per-layer form.
+        # Nobody sees this graph: the faster, copy-free per-layer form, sized for `policy`
+        # (with per-head budgets, for its table).
         options = BuildOptions(policy=policy.name, budget=budget, max_batch=max_batch,
-                               head_shared=policy.head_shared)
-        return build(replace(source, random_weights=source.checkpoint is None), out, options,
-                     force=True, log=log)
+                               attention="gqa")
+        return _export(replace(source, random_weights=source.checkpoint is None), out, options,
+                       True, log, policy)
 
 
 @contextlib.contextmanager

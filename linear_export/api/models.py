@@ -51,6 +51,19 @@ class ModelSource:
         return DEMO_CFG_SCALE if self.demo else DEFAULT_CFG_SCALE
 
 
+def default_cfg_scale(source: ModelSource, artifact: str | Path | None = None) -> float:
+    """The CFG scale to sample with when none is given: LlamaGen's 4.0, the bundled demo's
+    1.0. With an artifact, its own model decides (a source that names no weights is not the
+    demo then)."""
+    if artifact is None:
+        return source.default_cfg_scale
+    from ..demo import DEMO_MODEL_NAME
+    from ..export.artifact import load_artifact
+
+    model = load_artifact(artifact, check_hashes=False).manifest["model"]["name"]
+    return DEMO_CFG_SCALE if model == DEMO_MODEL_NAME else DEFAULT_CFG_SCALE
+
+
 def demo_source(source: ModelSource, *, model_given: bool = False,
                 image_size_given: bool = False) -> ModelSource:
     """`source` pointed at the bundled demo's weights (64 px, 10 procedural classes)."""

@@ -43,7 +43,7 @@ def fit_engine(policy: Policy, engine: Engine) -> Policy:
     if artifact is None:  # the torch engine allocates what the policy asks for
         return policy
     if policy.head_shared and not artifact.head_shared:
-        raise UserError(f"Artifact '{artifact.path}' was built without --head-shared, so it "
-                        "cannot run --head-budgets; rebuild it with linear-export build "
-                        "--head-shared, or drop --head-budgets.")
+        raise UserError(f"Artifact '{artifact.path}' was built without --head-budgets, so it "
+                        "cannot run them; rebuild it with linear-export build --head-budgets "
+                        "FILE, or drop --head-budgets.")
     return fit_policy(policy, artifact.capacity)

@@ -49,7 +49,7 @@ def directory_bytes(path: Path) -> int:
 @click.option("--attention", type=click.Choice(ATTENTION_KERNELS), default=None,
               help="The decode step's attention: gqa, ONNX Runtime's fused GroupQueryAttention "
                    "(reads the bound cache and writes the step's keys into it in place; needs "
-                   "per-layer cache inputs and no --head-shared), or math, standard ONNX ops "
+                   "per-layer cache inputs), or math, standard ONNX ops "
                    "(what TensorRT parses). [default: gqa, math with --tensorrt]")
 @click.option("--weights", "weight_format", type=click.Choice(WEIGHT_FORMATS), default="fp32",
               show_default=True,
@@ -65,10 +65,12 @@ def directory_bytes(path: Path) -> int:
               help="stacked: past_key/past_value [L, B, Hkv, C, D], the contract's form; "
                    "per-layer: past_key.0 ... [B, Hkv, C, D], bound in place without the "
                    "per-step cache copy ONNX Runtime's Gather makes (faster on CPU).")
-@click.option("--head-shared", is_flag=True,
-              help="The step also takes slot_owner, so a layer's kv heads can share its cache "
-                   "slots: what per-head budgets (generate --head-budgets) need. Attention "
-                   "then reads every head's slots, masked to its own.")
+@click.option("--head-budgets", type=click.Path(dir_okay=False), default=None,
+              help="A per-head budgets file (linear-export calibrate) to run with generate "
+                   "--head-budgets: the step also takes slot_positions, which mark the dead "
+                   "slots of kv heads that keep fewer, and the cache holds the largest count "
+                   "the file's table gives a head at --budget (more memory than the uniform "
+                   "budget).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Artifact directory to create.")
 @click.option("--force", is_flag=True, help="Replace an existing artifact (once the new one is "
@@ -91,7 +93,7 @@ def directory_bytes(path: Path) -> int:
               help="Timing cache file shared across builds [default: one inside the artifact].")
 def build(checkpoint, family, max_prompt_tokens, random_weights, seed, model_name, image_size,
           dtype, policy, budget, max_batch, attention, weight_format, opset, cache_inputs,
-          head_shared, out,
+          head_budgets, out,
           force, tensorrt, trt_opt_batch, trt_workspace, trt_tf32, trt_timing_cache,
           vq_checkpoint, vq_model) -> None:
     """Export the decode step to ONNX: an artifact directory for the ort engine and verify.
@@ -115,7 +117,7 @@ def build(checkpoint, family, max_prompt_tokens, random_weights, seed, model_nam
                              random_weights=random_weights, max_prompt_tokens=max_prompt_tokens)
     options = api.BuildOptions(
         policy=policy, budget=budget, max_batch=max_batch, attention=attention,
-        weights=weight_format, opset=opset, cache_inputs=cache_inputs, head_shared=head_shared,
+        weights=weight_format, opset=opset, cache_inputs=cache_inputs, head_budgets=head_budgets,
         vq_checkpoint=vq_checkpoint, vq_model=vq_model, tensorrt=trt_config)
     artifact = api.build(source, out, options, force=force,
                          log=lambda line: click.echo(line, err=True))
@@ -126,7 +128,7 @@ def build(checkpoint, family, max_prompt_tokens, random_weights, seed, model_nam
         f"{image_size}px {dtype}, capacity "
         f"{artifact.capacity} slots ({manifest['build']['policy']}, "
         f"{manifest['build']['cache_inputs']} cache inputs"
-        f"{', head-shared pool' if artifact.head_shared else ''}), export "
+        f"{', per-head budgets' if artifact.head_shared else ''}), export "
         f"{manifest['build']['export_seconds']:.1f} s (total {time.perf_counter() - started:.1f}"
         f" s), {size / 2**20:.1f} MiB."
     )

@@ -63,7 +63,7 @@ def calibrate(checkpoint, model_name, random_weights, image_size, budgets, recen
     table. With the position prior (default), the heads whose later lines read the same
     places in every image also rank their keys partly by that average. Run it once per model,
     then pass the file to generate or eval with --head-budgets (the ort engine needs an
-    artifact built with --head-shared).
+    artifact built with build --head-budgets and the same file).
 
     Example: linear-export calibrate --checkpoint c2i_B_256.pt --model GPT-B --budgets
     1/4,1/6 --out gpt-b.head-budgets.safetensors

@@ -54,7 +54,7 @@ QUICK = {"samples_per_class": 1, "heldout": 5, "real": 20, "budgets": ("1/1", "1
                    "[default: 3; 4 with --head-budgets].")
 @click.option("--head-budgets", type=click.Path(dir_okay=False), default=None,
               help="linear: per-head budgets from linear-export calibrate, with a table for "
-                   "every evicting budget swept (a head-shared cache pool).")
+                   "every evicting budget swept.")
 @click.option("--engine", type=click.Choice(["torch", "ort"]), default="torch",
               show_default=True,
               help="Demo model: what runs the GPT; ort builds a full-capacity artifact of it "

@@ -94,8 +94,10 @@ def generate(
         source = api.demo_source(source, model_given=given("model_name"),
                                  image_size_given=given("image_size"))
         classes = classes if given("classes") else DEMO_CLASSES
-    sampling = SamplingConfig(cfg_scale=source.default_cfg_scale if cfg_scale is None
-                              else cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+    if cfg_scale is None:
+        cfg_scale = api.default_cfg_scale(source, artifact_dir)
+    sampling = SamplingConfig(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
+                              top_p=top_p)
     engine, chosen = open_engine_and_policy(source, engine_name, artifact_dir, policy, budget,
                                             knobs, rows=batch_size * (1 + sampling.uses_cfg),
                                             cuda_graph=cuda_graph)

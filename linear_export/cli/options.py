@@ -51,8 +51,8 @@ RECENT_LINES_HELP = ("linear: newest whole lines always kept [default: 1 up to a
                      "half the budget's lines above that].")
 
 HEAD_BUDGETS_HELP = ("linear: per-head budgets from linear-export calibrate; a layer's kv heads "
-                     "then share its cache slots unevenly (same memory; the ort engine needs an "
-                     "artifact built with --head-shared).")
+                     "then keep different numbers of slots (the cache holds the largest count; "
+                     "the ort engine needs an artifact built with --head-budgets).")
 
 policy_options = compose(
     click.option("--policy", default="linear", show_default=True,

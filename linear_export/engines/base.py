@@ -79,22 +79,9 @@ def check_bound_cache(engine, cache: KVCache, batch: int, limit: str) -> None:
     if not (cache.key.is_contiguous() and cache.value.is_contiguous()):
         raise ValueError("the KV cache must be contiguous to be bound in place")
     if cache.head_shared and not engine.artifact.head_shared:
-        raise UserError(f"Artifact '{engine.artifact.path}' was built without --head-shared, so "
+        raise UserError(f"Artifact '{engine.artifact.path}' was built without --head-budgets, so "
                         "its step cannot run per-head budgets; rebuild it with linear-export "
-                        "build --head-shared, or drop --head-budgets.")
-
-
-def slot_owners(engine, cache: KVCache) -> torch.Tensor:
-    """What a head-shared step's slot_owner input gets: the cache's owners, or for a plain
-    cache each slot's own row (its identity owners, made contiguous once per batch size)."""
-    if cache.head_shared:
-        return cache.owner
-    shape = cache.positions.shape
-    identity = engine._identity_owners.get(shape)
-    if identity is None:
-        rows = torch.arange(shape[2], device=cache.positions.device).view(1, 1, -1, 1)
-        identity = engine._identity_owners[shape] = rows.expand(shape).contiguous()
-    return identity
+                        "build --head-budgets FILE, or drop --head-budgets.")
 
 
 def check_room(cache: KVCache, steps: int) -> None:

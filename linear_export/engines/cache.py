@@ -1,4 +1,4 @@
-"""The fixed-capacity KV cache pool: allocate once, append at cache_len, gather-and-compact."""
+"""The fixed-capacity KV cache: allocate once, append at cache_len, gather-and-compact."""
 
 from __future__ import annotations
 
@@ -29,17 +29,15 @@ class CacheShape:
 
 
 class KVCache:
-    """Keys (post-RoPE) and values [L, B, Hkv, C, D], the sequence position each slot holds
-    and its owner: the kv head whose keys it holds.
+    """Keys (post-RoPE) and values [L, B, Hkv, C, D], and the sequence position each slot
+    holds (-1: none).
 
-    Slots [0, cache_len) are live and `cache_len` is the same for every (layer, row, head):
-    every eviction keeps the same number of slots everywhere and compacts them to the front,
-    so new tokens always land at `cache_len`, in their own head's row.
-
-    One mechanism for both layouts: a plain cache is the pool whose owners are the identity
-    (row r's slots are head r's), held as a stride-0 view, never allocated or moved. With
-    `head_shared`, the kv heads of a layer share its Hkv * C slots and the owners are a real
-    tensor, so one head may keep more than C slots and another fewer.
+    Slots [0, cache_len) are live and new tokens land at `cache_len`, in every (layer, row,
+    kv head) at once. Every eviction compacts each head's kept slots to the front of its row.
+    In a plain cache every head keeps the same number, so nothing below cache_len is dead.
+    With `head_shared` (per-head budgets) a layer's kv heads keep different numbers:
+    cache_len is the largest, and a head that keeps fewer has dead slots (position -1) from
+    its count up to cache_len, which attention masks (the step's slot_positions input).
     """
 
     def __init__(self, shape: CacheShape, dtype: torch.dtype, device: str | torch.device = "cpu",
@@ -48,18 +46,17 @@ class KVCache:
         dims = (shape.n_layer, shape.batch, shape.n_kv_head, shape.capacity)
         self.key = torch.zeros(*dims, shape.head_dim, dtype=dtype, device=device)
         self.value = torch.zeros_like(self.key)
+        # Updated in place, so engines bind it once (a head-shared step's slot_positions).
         self.positions = torch.full(dims, -1, dtype=torch.long, device=device)
-        rows = torch.arange(shape.n_kv_head, device=device).view(1, 1, -1, 1)
-        self.owner = rows.expand(dims).contiguous() if head_shared else rows.expand(dims)
         self.cache_len = 0
         self.peak_len = 0
         self._scratch: torch.Tensor | None = None  # compaction's, one layer (_move_slots)
 
     @property
-    def shared_owner(self) -> torch.Tensor | None:
-        """What a head-shared step graph's slot_owner input reads; None for a plain cache, whose
-        step is the other graph (models.attention.cached_attention says why there are two)."""
-        return self.owner if self.head_shared else None
+    def shared_positions(self) -> torch.Tensor | None:
+        """What a head-shared step's slot_positions input reads; None for a plain cache, whose
+        step takes no such input."""
+        return self.positions if self.head_shared else None
 
     @property
     def capacity(self) -> int:
@@ -88,42 +85,27 @@ class KVCache:
         self.peak_len = max(self.peak_len, end)
 
     def compact(self, keep: torch.Tensor, *per_slot: torch.Tensor) -> None:
-        """Keep the live slots `keep`, moved to the front, each with its owner.
+        """Keep the live slots `keep` [L, B, Hkv, K], moved to the front of each head's row.
 
-        `keep` [L, B, Hkv * K]: indices into a layer's live slots read row by row (row r's
-        slot c is r * cache_len + c), in any mix of owners (a head-shared cache only); they
-        are laid out row by row again, K per row. `keep` [L, B, Hkv, K]: each row keeps K of
-        its own slots (indices into them), the same thing with the identity's owners.
-        `per_slot` tensors [L, B, Hkv, C] (e.g. accumulated scores) move the same way, in
-        place. One gather per tensor; runs once per image line, not per step.
+        `keep` holds indices into each head's own live slots, ascending; a head that keeps
+        fewer than K (per-head budgets, a head-shared cache only) ends its row with -1s, and
+        its slots from its count to K are then dead. `per_slot` tensors [L, B, Hkv, C] (e.g.
+        accumulated scores) move the same way, in place. One gather per tensor; runs once per
+        image line, not per step.
         """
-        batch, heads, live = self.shape.batch, self.shape.n_kv_head, self.cache_len
-        if keep.dim() == 4:  # each row's own slots: its row is known, no integer division
-            kept = keep.shape[-1]
-            rows = torch.arange(batch * heads, device=keep.device).view(1, batch, heads, 1)
-            offsets = rows * self.capacity + keep
-
-            def take(tensor: torch.Tensor) -> torch.Tensor:
-                return torch.gather(tensor[..., :live], 3, keep)
-        elif not self.head_shared:
-            raise ValueError("slots kept across rows need a cache made with head_shared=True")
-        elif keep.shape[-1] % heads:
-            raise ValueError(f"{keep.shape[-1]} kept slots do not fill {heads} rows evenly")
-        else:
-            kept = keep.shape[-1] // heads
-            rows = torch.arange(batch, device=keep.device).view(1, -1, 1) * heads + keep // live
-            offsets = (rows * self.capacity + keep % live).unflatten(2, (heads, kept))
-
-            def take(tensor: torch.Tensor) -> torch.Tensor:
-                pool = tensor[..., :live].flatten(2, 3)
-                return torch.gather(pool, 2, keep).unflatten(2, (heads, kept))
-        self._move_slots(offsets)
-        for tensor in (self.positions, *per_slot) + ((self.owner,) if self.head_shared else ()):
-            tensor[..., :kept] = take(tensor)
-            if tensor is self.owner:  # new tokens land in their own head's row
-                tensor[..., kept:] = torch.arange(heads, device=tensor.device)[:, None]
-            else:
-                tensor[..., kept:] = -1 if tensor is self.positions else 0
+        batch, heads, kept = self.shape.batch, self.shape.n_kv_head, keep.shape[-1]
+        dropped = keep < 0
+        if not self.head_shared and bool(dropped.any()):
+            raise ValueError("heads that keep different numbers of slots need a cache made "
+                             "with head_shared=True")
+        keep = keep.clamp(min=0)
+        rows = torch.arange(batch * heads, device=keep.device).view(1, batch, heads, 1)
+        self._move_slots(rows * self.capacity + keep)
+        for tensor in (self.positions, *per_slot):
+            empty = -1 if tensor is self.positions else 0
+            tensor[..., :kept] = torch.gather(tensor[..., :self.cache_len], 3, keep).masked_fill(
+                dropped, empty)
+            tensor[..., kept:] = empty
         self.cache_len = kept
 
     def _move_slots(self, offsets: torch.Tensor) -> None:

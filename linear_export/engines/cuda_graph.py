@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
-from ..models.attention import pool_args
+from ..models.attention import per_slot
 from ..models.gpt import GPT
 from .base import StepOutput, scoring_positions
 from .cache import KVCache
@@ -82,14 +82,14 @@ class DecodeGraphs:
         self.cache_len.fill_(cache.cache_len)
 
         def run() -> StepOutput:
-            pool = pool_args(cache.shared_owner)
+            per_head = per_slot(cache.shared_positions)
             if score_position_ids is None:
                 logits, key, value, query, _ = self.model.decode(
-                    input_ids, position_ids, cache.key, cache.value, self.cache_len, **pool)
+                    input_ids, position_ids, cache.key, cache.value, self.cache_len, **per_head)
                 return StepOutput(logits, key, value, None, query)
             return StepOutput(*self.model.step(
                 input_ids, position_ids, cache.key, cache.value, self.cache_len,
-                score_position_ids=score_position_ids, **pool))
+                score_position_ids=score_position_ids, **per_head))
 
         # Warm up on a side stream so lazy initialisation (cuBLAS handles, autotuning) is
         # not captured; the step never writes the cache, so running it here is harmless.
@@ -107,6 +107,6 @@ class DecodeGraphs:
 
 
 def _cache_pointers(cache: KVCache) -> tuple[int, int, int]:
-    """Where the graph reads the cache (keys, values, slot owners; compaction is in place)."""
-    owner = cache.owner.data_ptr() if cache.head_shared else 0
-    return cache.key.data_ptr(), cache.value.data_ptr(), owner
+    """Where the graph reads the cache (keys, values, slot positions; compaction is in
+    place)."""
+    return cache.key.data_ptr(), cache.value.data_ptr(), cache.positions.data_ptr()

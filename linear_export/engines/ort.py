@@ -17,9 +17,9 @@ import torch
 from ..errors import UserError
 from ..export.artifact import Artifact, directory_mode, load_artifact
 from ..export.consistency import entry_intact, stamp_entry
-from ..export.onnx_step import IN_PLACE, SCORE_OUTPUT, SLOT_OWNER
+from ..export.onnx_step import IN_PLACE, SCORE_OUTPUT, SLOT_POSITIONS
 from ..export.split_cache import CACHE_INPUTS, layer_input
-from .base import StepOutput, check_bound_cache, check_room, scoring_positions, slot_owners
+from .base import StepOutput, check_bound_cache, check_room, scoring_positions
 from .cache import KVCache
 
 NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
@@ -102,7 +102,6 @@ class OrtEngine:
                             "CUDA version, or use --device cpu.")
         self._bindings: dict[tuple[bool, int, int], _Bound] = {}
         self._cache_len = torch.zeros((), dtype=torch.long, device=self.device)
-        self._identity_owners: dict[torch.Size, torch.Tensor] = {}  # see slot_owners()
 
     def _options(self) -> ort.SessionOptions:
         options = ort.SessionOptions()
@@ -214,14 +213,12 @@ class OrtEngine:
 
     def _bind_cache(self, bound: _Bound, cache: KVCache) -> None:
         """Bind the cache in place (zero-copy), again only when it is another tensor."""
-        owners = slot_owners(self, cache) if self.artifact.head_shared else None
-        pointers = (cache.key.data_ptr(), cache.value.data_ptr(),
-                    0 if owners is None else owners.data_ptr())
+        pointers = (cache.key.data_ptr(), cache.value.data_ptr(), cache.positions.data_ptr())
         if bound.cache_pointers == pointers:
             return
         self._bind_cache_inputs(bound.binding, cache)
-        if owners is not None:
-            self._bind(bound.binding.bind_input, SLOT_OWNER, owners)
+        if self.artifact.head_shared:
+            self._bind(bound.binding.bind_input, SLOT_POSITIONS, cache.positions)
         if bound.in_place:
             # GroupQueryAttention sees its cache output at its input's address and updates
             # the cache in place (slots [cache_len, cache_len + T) only): no copy at all.
@@ -291,7 +288,7 @@ class OrtEngine:
             self._bind(binding.bind_input, name, tensor)
         self._bind_cache_inputs(binding, cache, names=("past_key",))
         if self.artifact.head_shared:
-            self._bind(binding.bind_input, SLOT_OWNER, slot_owners(self, cache))
+            self._bind(binding.bind_input, SLOT_POSITIONS, cache.positions)
         self._bind(binding.bind_output, SCORE_OUTPUT, mass)
         self.score_session.run_with_iobinding(binding)
         return mass

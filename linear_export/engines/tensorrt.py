@@ -14,10 +14,10 @@ import torch
 
 from ..errors import UserError
 from ..export.artifact import SCORE, STEP, STEP_DECODE, Artifact, load_artifact
-from ..export.onnx_step import SCORE_OUTPUT, SLOT_OWNER
+from ..export.onnx_step import SCORE_OUTPUT, SLOT_POSITIONS
 from ..export.split_cache import CACHE_INPUTS, layer_input
 from ..export.tensorrt import Profile, check_plan_compatible, require_tensorrt
-from .base import StepOutput, check_bound_cache, scoring_positions, slot_owners
+from .base import StepOutput, check_bound_cache, scoring_positions
 from .cache import KVCache
 
 
@@ -103,7 +103,6 @@ class TrtEngine:
             self.score_plan = plan(SCORE, scoring)
         self._bindings: dict[tuple[bool, int, int], _Bound] = {}
         self._cache_len = torch.zeros((), dtype=torch.long, device=self.device)
-        self._identity_owners: dict[torch.Size, torch.Tensor] = {}  # see slot_owners()
 
     def _binding(self, with_scores: bool, batch: int, steps: int, rotations: int) -> _Bound:
         """Buffers per (variant, B, T, R); R: score_position_ids' rotations (0: no scores)."""
@@ -141,8 +140,8 @@ class TrtEngine:
         return tensors
 
     def _cache_tensors(self, cache: KVCache) -> dict[str, torch.Tensor]:
-        """The cache (and a pool's owners) as the graphs take them."""
-        tensors = {SLOT_OWNER: slot_owners(self, cache)} if self.artifact.head_shared else {}
+        """The cache (and per-head budgets' slot positions) as the graphs take them."""
+        tensors = {SLOT_POSITIONS: cache.positions} if self.artifact.head_shared else {}
         for name, whole in zip(CACHE_INPUTS, (cache.key, cache.value), strict=True):
             if self.artifact.split_cache:  # each layer's slice of the same storage
                 tensors.update({layer_input(name, layer): whole[layer]
@@ -175,9 +174,8 @@ class TrtEngine:
         if scored is not None:
             bound.score_position_ids.copy_(scored.expand(batch, -1, -1), non_blocking=True)
         self._cache_len.fill_(cache.cache_len)  # a fill kernel: no host round trip
-        owners = slot_owners(self, cache) if self.artifact.head_shared else None
         key = (batch, steps, rotations, cache.key.data_ptr(), cache.value.data_ptr(),
-               0 if owners is None else owners.data_ptr())
+               cache.positions.data_ptr())
         if plan.last_key[index] != key:  # shapes and addresses change per (B, T) and cache
             tensors = self._tensors(bound, cache)
             for name in plan.inputs:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.attention import pool_args
+from ..models.attention import per_slot
 from ..models.families.llamagen import LlamaGenC2I
 from ..models.gpt import GPT
 from .base import StepOutput
@@ -61,17 +61,17 @@ class TorchEngine:
                                     score_position_ids)
         self._cache_len.fill_(cache.cache_len)
         embeds = None if inputs_embeds is None else inputs_embeds.to(self.device, self.dtype)
-        pool = pool_args(cache.shared_owner)
+        per_head = per_slot(cache.shared_positions)
         if need_scores:
             logits, present_key, present_value, attn_mass = self.model.step(
                 input_ids, position_ids, cache.key, cache.value, self._cache_len,
-                inputs_embeds=embeds, score_position_ids=score_position_ids, **pool)
+                inputs_embeds=embeds, score_position_ids=score_position_ids, **per_head)
             return StepOutput(logits, present_key, present_value, attn_mass)
         compiled = self._compiled is not None and input_ids.shape[1] == 1 and embeds is None
         decode = self._compiled if compiled else self.model.decode
         logits, present_key, present_value, present_query, _ = decode(
             input_ids, position_ids, cache.key, cache.value, self._cache_len,
-            inputs_embeds=embeds, **pool)
+            inputs_embeds=embeds, **per_head)
         return StepOutput(logits, present_key, present_value, None, present_query)
 
     @torch.inference_mode()
@@ -79,4 +79,4 @@ class TorchEngine:
                    cache: KVCache) -> torch.Tensor:
         self._cache_len.fill_(cache.cache_len)
         return self.model.line_scores(line_query, score_shifts.to(self.device), cache.key,
-                                      self._cache_len, **pool_args(cache.shared_owner))
+                                      self._cache_len, **per_slot(cache.shared_positions))

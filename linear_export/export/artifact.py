@@ -39,9 +39,11 @@ from .step_variants import (
 
 # 2: the scored step takes score_position_ids; 3: shaped [B, R, T]; 4: a head-shared pool's
 # step takes slot_owner (build["head_shared"]); 5: the decode step (present_query, fused
-# attention: build["attention"]) and LineAR's line-end score graph replace step_noscores.
-SCHEMA_VERSION = 5
-READABLE_VERSIONS = (5,)
+# attention: build["attention"]) and LineAR's line-end score graph replace step_noscores;
+# 6: per-head budgets' steps take slot_positions [L, B, Hkv, C] in place of slot_owner, and
+# run the fused kernel (a version 5 artifact without them is the same and still read).
+SCHEMA_VERSION = 6
+READABLE_VERSIONS = (5, 6)
 STEP_DATA = "step.onnx.data"
 STEP_DECODE = "step_decode.onnx"  # the decode step: no attn_mass, fused attention
 SCORE = "score.onnx"  # LineAR's line-end score (runs once per line)
@@ -119,7 +121,8 @@ class Artifact:
 
     @property
     def head_shared(self) -> bool:
-        """Whether the step graphs take slot_owner: a head-shared cache pool (per-head budgets)."""
+        """Whether the step graphs take slot_positions: per-head budgets, where a kv head that
+        keeps fewer slots has dead ones below cache_len."""
         return bool(self.manifest["build"].get("head_shared", False))
 
     @property
@@ -221,9 +224,9 @@ def build_artifact(
     `weights` says how to rebuild the reference model ({"source": "checkpoint", "path",
     "sha256"} or {"source": "random", "seed", "std"}); `build_options` records the policy.
     `split_cache`: one cache input per layer (bound in place; see export/split_cache.py).
-    `head_shared`: the steps take slot_owner, for per-head budgets (a head-shared pool).
+    `head_shared`: the steps take slot_positions, for per-head budgets.
     `attention`: the decode step's kernel, 'gqa' (ONNX Runtime's fused GroupQueryAttention,
-    where split_cache and no pool allow it) or 'math' (standard ops: TensorRT).
+    where split_cache allows it) or 'math' (standard ops: TensorRT).
     `vq_decoder`: (VQModel, record) adds `vq_decoder.onnx`; the record (model name, weights
     path and hash) goes into the manifest so verify can rebuild the PyTorch decoder.
     """
@@ -233,7 +236,7 @@ def build_artifact(
     try:
         started = time.perf_counter()
         log(f"exporting {STEP} (capacity {capacity}, {dtype_name}, opset {opset})")
-        kernel = decode_kernel(attention, split_cache, head_shared)
+        kernel = decode_kernel(attention, split_cache)
         io = _export_step_graphs(model, staging, kernel=kernel, weight_format=weight_format,
                                  log=log, capacity=capacity, max_batch=max_batch, opset=opset,
                                  split_cache=split_cache, head_shared=head_shared)
@@ -370,8 +373,10 @@ def load_artifact(path: str | Path, *, check_hashes: bool = True) -> Artifact:
     except (ValueError, KeyError, TypeError, AttributeError):
         raise UserError(f"{MANIFEST} in '{path}' is corrupt (not a valid manifest); "
                         f"{REBUILD}.") from None
-    if version not in READABLE_VERSIONS:
-        raise UserError(f"{MANIFEST} in '{path}' has schema version {version}, but this "
+    head_shared = isinstance(manifest.get("build"), dict) and manifest["build"].get("head_shared")
+    if version not in READABLE_VERSIONS or (version < 6 and head_shared):
+        raise UserError(f"{MANIFEST} in '{path}' has schema version {version}"
+                        f"{' with per-head budgets' if head_shared else ''}, but this "
                         f"linear-export reads version {SCHEMA_VERSION}; {REBUILD}.")
     for required in (STEP, STEP_DATA):
         if required not in files:

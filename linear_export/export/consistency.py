@@ -136,8 +136,8 @@ def _check_fields(where: str, manifest: dict, step: dict) -> None:
         "num_classes": (manifest.get("num_classes"), config.num_classes, "model.config"),
         "build.cache_inputs": (build.get("cache_inputs", "stacked"), CACHE_LAYOUTS[per_layer],
                                f"{STEP}'s cache inputs"),
-        "build.head_shared": (bool(build.get("head_shared", False)), "slot_owner" in inputs,
-                              f"whether {STEP} takes slot_owner"),
+        "build.head_shared": (bool(build.get("head_shared", False)), "slot_positions" in inputs,
+                              f"whether {STEP} takes slot_positions"),
     }
     if "attn_mass" in outputs:
         found["model.config.n_head"] = (config.n_head, outputs["attn_mass"]["shape"][2],

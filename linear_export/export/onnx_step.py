@@ -29,7 +29,8 @@ IN_PLACE = ("key_cache", "value_cache")
 SCORE_INPUTS = ("line_query", "score_shifts", "past_key", "cache_len")
 SCORE_OUTPUT = "line_mass"  # [L, B, Hkv, C] float32
 QUERIES = "queries"  # line_query [L, B, H, Q, D]: the line's last Q queries
-SLOT_OWNER = "slot_owner"  # [L, B, Hkv, C] int64: the head-shared pool's owner of each slot
+# [L, B, Hkv, C] int64: each slot's sequence position, -1 for a dead one (per-head budgets)
+SLOT_POSITIONS = "slot_positions"
 DEFAULT_OPSET = 18
 BATCH, STEPS = "batch", "steps"  # the symbolic dims' names in the graph
 ROTATIONS = "rotations"  # score_position_ids [B, R, T]: R scoring rotations of each query
@@ -48,10 +49,10 @@ class TensorSpec:
 
 def input_names(with_scores: bool, head_shared: bool = False) -> tuple[str, ...]:
     """Only the scored variant takes score_position_ids (where attn_mass's queries sit); a
-    head-shared pool's step takes slot_owner after cache_len."""
+    step for per-head budgets takes slot_positions after cache_len."""
     names = INPUT_NAMES if with_scores else INPUT_NAMES[:-1]
     if head_shared:
-        names = (*names[:5], SLOT_OWNER, *names[5:])
+        names = (*names[:5], SLOT_POSITIONS, *names[5:])
     return names
 
 
@@ -81,8 +82,7 @@ def example_inputs(model: GPT, capacity: int, with_scores: bool = True,
         torch.stack([positions + model.layout.width * lines for lines in (1, 2, 3)], dim=1),
     )
     if head_shared:
-        owner = torch.arange(config.kv_heads).view(1, 1, -1, 1).expand(cache[:4]).contiguous()
-        inputs = (*inputs[:5], owner, inputs[5])
+        inputs = (*inputs[:5], torch.zeros(cache[:4], dtype=torch.long), inputs[5])
     return inputs if with_scores else inputs[:-1]
 
 
@@ -93,8 +93,8 @@ def _dynamic_shapes(max_batch: int, capacity: int, with_scores: bool,
     steps = torch.export.Dim(STEPS, min=1, max=capacity)
     shapes = {"input_ids": {0: batch, 1: steps}, "position_ids": {0: batch, 1: steps},
               "past_key": {1: batch}, "past_value": {1: batch}, "cache_len": None}
-    if head_shared:  # otherwise StepModule's slot_owner stays None: no such graph input
-        shapes[SLOT_OWNER] = {1: batch}
+    if head_shared:  # otherwise StepModule's slot_positions stays None: no such graph input
+        shapes[SLOT_POSITIONS] = {1: batch}
     if with_scores:
         rotations = torch.export.Dim(ROTATIONS, min=1, max=MAX_LOOKAHEAD)
         shapes["score_position_ids"] = {0: batch, 1: rotations, 2: steps}
@@ -117,7 +117,7 @@ def export_step(
 
     `with_scores`: the scored step (attn_mass); without, the decode step (present_query).
     `split_cache`: per-layer cache inputs (see split_cache.py) instead of the stacked ones.
-    `head_shared`: the step of a head-shared cache pool, which also takes `slot_owner`.
+    `head_shared`: the step for per-head budgets, which also takes `slot_positions`.
     `attention`: the decode step's kernel (decode_kernel() says which one a build gets).
     """
     if capacity < 2:
@@ -126,7 +126,7 @@ def export_step(
     dynamic_shapes = _dynamic_shapes(max_batch, capacity, with_scores, head_shared)
     example = example_inputs(model, capacity, with_scores, head_shared)
     keywords = {}
-    if with_scores:  # by name, so a plain cache's step can leave slot_owner out
+    if with_scores:  # by name, so a plain cache's step can leave slot_positions out
         *example, keywords["score_position_ids"] = example
     module = StepModule(model, with_scores=True) if with_scores else DecodeModule(model)
     in_place = model.config.n_layer if not with_scores and attention == "gqa" else 0
@@ -156,14 +156,10 @@ def export_step(
                             in_place)
 
 
-def decode_kernel(requested: str, split_cache: bool, head_shared: bool) -> str:
+def decode_kernel(requested: str, split_cache: bool) -> str:
     """The decode step's attention kernel: the fused one needs each layer's cache as its own
-    input (to update it in place) and no slot owners; otherwise the standard ops.
-
-    Why a head-shared pool is a graph of its own and not the plain cache with identity
-    owners: models.attention.cached_attention (the owner mask costs ~Hkv x the attention and
-    the fused kernel)."""
-    return requested if split_cache and not head_shared else "math"
+    input (to update it in place); otherwise the standard ops."""
+    return requested if split_cache else "math"
 
 
 def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
@@ -197,7 +193,7 @@ def check_step_graph(
         TensorSpec("position_ids", "int64", (BATCH, STEPS)),
         *caches,
         TensorSpec("cache_len", "int64", ()),
-        *([TensorSpec(SLOT_OWNER, "int64", cache[:4])] if head_shared else []),
+        *([TensorSpec(SLOT_POSITIONS, "int64", cache[:4])] if head_shared else []),
         *([TensorSpec("score_position_ids", "int64", (BATCH, ROTATIONS, STEPS))]
           if with_scores else []),
         TensorSpec("logits", "float32", (BATCH, config.vocab_size)),

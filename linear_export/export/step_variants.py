@@ -21,7 +21,7 @@ from .onnx_step import (
     ROTATIONS,
     SCORE_INPUTS,
     SCORE_OUTPUT,
-    SLOT_OWNER,
+    SLOT_POSITIONS,
     STEPS,
     TensorSpec,
     _check_no_cache_sized_values,
@@ -59,8 +59,8 @@ def export_score_sharing(
 ) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """Export LineAR's line-end score graph (ScoreModule) into `directory/name`.
 
-    Inputs line_query [L, B, H, Q, D], score_shifts [R], past_key, cache_len (and slot_owner
-    for a head-shared pool); output line_mass [L, B, Hkv, C] float32.
+    Inputs line_query [L, B, H, Q, D], score_shifts [R], past_key, cache_len (and
+    slot_positions for per-head budgets); output line_mass [L, B, Hkv, C] float32.
     """
     config, batch_size = model.config, 2
     cache = (config.n_layer, batch_size, config.kv_heads, capacity, config.head_dim)
@@ -77,10 +77,9 @@ def export_score_sharing(
                       "past_key": {1: batch}, "cache_len": None}
     names = list(SCORE_INPUTS)
     if head_shared:
-        example.append(torch.arange(config.kv_heads).view(1, 1, -1, 1).expand(cache[:4])
-                       .contiguous())
-        dynamic_shapes[SLOT_OWNER] = {1: batch}
-        names.append(SLOT_OWNER)
+        example.append(torch.zeros(cache[:4], dtype=torch.long))
+        dynamic_shapes[SLOT_POSITIONS] = {1: batch}
+        names.append(SLOT_POSITIONS)
     scratch = Path(tempfile.mkdtemp(dir=directory, prefix=".score."))
     path = scratch / name
     try:

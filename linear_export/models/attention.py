@@ -24,37 +24,24 @@ def cached_attention(
     live: torch.Tensor,
     scale: float | None = None,
     score_q: torch.Tensor | None = None,
-    slot_owner: torch.Tensor | None = None,
     with_mass: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attend over live cache slots plus the step's own tokens (causal among them).
 
-    q [B, H, T, D]; k, v [B, Hkv, T, D] (post-RoPE); past_* [B, Hkv, C, D]; live [B or 1, C].
+    q [B, H, T, D]; k, v [B, Hkv, T, D] (post-RoPE); past_* [B, Hkv, C, D]; live [B or 1, C],
+    or [B, Hkv, C] where each kv head holds its own number of slots (per-head budgets).
     Returns the attention output [B, T, H*D] and the mass per past slot [B, H, C] (float32).
     `score_q` [B, H, R, T, D] (default q) are the queries the mass is measured with, summed
     over R rotations: LineAR rotates the step's queries to positions 1..R lines ahead, to rank
     slots by what later lines will read.
     Query heads are grouped by the kv head they share, so the cache is never repeated.
-
-    `slot_owner` [B, Hkv, C] (int64): the head-shared pool, where a slot of row r may hold
-    the keys of another kv head (its owner), so heads can keep different numbers of slots.
-    Every head then reads all the layer's slots, masked to those it owns; the mass of slot
-    (r, c) is reported at query heads r * G .. r * G + G - 1, as if r were its owner, so the
-    host folds it per row exactly as without the pool. `with_mass=False`: no mass (None).
+    `with_mass=False`: no mass (None).
     """
     batch, n_head, steps, head_dim = q.shape
-    # Two graphs on purpose, though the host has one cache (a plain one is the pool whose
-    # owners are the identity, engines/cache.py): through the owner mask every head reads all
-    # Hkv * C slots of its layer, ~Hkv x the attention work of reading its own C, and the
-    # decode step cannot use ONNX Runtime's GroupQueryAttention, which runs in place on each
-    # kv head's own slots (decode_kernel). So slot_owner None exports a graph without it, and
-    # only a head-shared build (--head-shared) pays for the pool.
-    if slot_owner is not None:
-        live, past_key, past_value = _pooled(live, slot_owner, past_key, past_value)
     probs = _attention_probs(q, k, past_key, live, scale)
     capacity = past_key.shape[-2]
     past_probs, own_probs = probs[..., :capacity], probs[..., capacity:]
-    out = _one_pool(past_probs.to(v.dtype), past_value) + own_probs.to(v.dtype) @ v
+    out = past_probs.to(v.dtype) @ past_value + own_probs.to(v.dtype) @ v
     out = out.view(batch, n_head, steps, head_dim).transpose(1, 2).reshape(batch, steps, -1)
     if not with_mass:
         return out, None
@@ -67,17 +54,12 @@ def cached_attention(
         past_probs = _attention_probs(score_q.flatten(2, 3), k, past_key, live, scale,
                                       own_step)[..., :capacity]
     mass = past_probs.view(batch, n_head, queries, capacity).sum(dim=2)
-    if slot_owner is not None:
-        # [B, (owner, G), (row, C)]: only the owner's heads see a slot, the rest add zeros.
-        n_kv_head, slots = slot_owner.shape[1:]
-        mass = mass.view(batch, n_kv_head, n_head // n_kv_head, n_kv_head, slots).sum(1)
-        mass = mass.transpose(1, 2).reshape(batch, n_head, slots)
     return out, mass
 
 
-# How the decode step's attention is exported: "math" (standard ONNX ops; TensorRT, and the
-# head-shared pool) or "gqa", ONNX Runtime's fused com.microsoft.GroupQueryAttention, which
-# reads the bound cache directly and writes the step's keys and values into it in place.
+# How the decode step's attention is exported: "math" (standard ONNX ops; TensorRT) or "gqa",
+# ONNX Runtime's fused com.microsoft.GroupQueryAttention, which reads the bound cache directly
+# and writes the step's keys and values into it in place.
 ATTENTION_KERNELS = ("gqa", "math")
 _EXPORT_KERNEL: ContextVar[str] = ContextVar("attention_kernel", default="math")
 
@@ -96,27 +78,27 @@ def exporting_attention(kernel: str) -> Iterator[None]:
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_key: torch.Tensor,
                      past_value: torch.Tensor, cache_len: torch.Tensor, scale: float,
-                     slot_owner: torch.Tensor | None = None,
+                     slot_positions: torch.Tensor | None = None,
                      ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Attention over the live slots and the step's own tokens, no probabilities kept.
 
-    Shapes as cached_attention's. Returns the output [B, T, H*D] and, only where the export
-    emits the fused kernel, the cache as that kernel leaves it (the step's keys and values
-    written at cache_len): graph outputs the engine binds to the cache's own buffers, which
-    is what lets the kernel skip the copy. The fused kernel takes T > 1 only on an empty cache
-    (prefill); decode steps are T = 1. A head-shared pool (`slot_owner`) always takes the
-    standard form: the fused kernel has no per-slot owners.
+    Shapes as cached_attention's. `slot_positions` [B, Hkv, C]: the sequence position each
+    slot holds, -1 for a dead slot below cache_len (per-head budgets: a kv head that keeps
+    fewer slots than the longest); None: slots [0, cache_len) all live. Returns the output
+    [B, T, H*D] and, only where the export emits the fused kernel, the cache as that kernel
+    leaves it (the step's keys and values written at cache_len): graph outputs the engine
+    binds to the cache's own buffers, which is what lets the kernel skip the copy. The fused
+    kernel takes T > 1 only on an empty cache (prefill); decode steps are T = 1.
     """
-    fused = torch.onnx.is_in_onnx_export() and _EXPORT_KERNEL.get() == "gqa"
-    if fused and slot_owner is None:
-        return _group_query_attention(q, k, v, past_key, past_value, cache_len, scale)
-    live = live_slots(past_key.shape[-2], cache_len)
-    out, _ = cached_attention(q, k, v, past_key, past_value, live, scale,
-                              slot_owner=slot_owner, with_mass=False)
+    if torch.onnx.is_in_onnx_export() and _EXPORT_KERNEL.get() == "gqa":
+        return _group_query_attention(q, k, v, past_key, past_value, cache_len, scale,
+                                      slot_positions)
+    live = live_slots(past_key.shape[-2], cache_len, slot_positions)
+    out, _ = cached_attention(q, k, v, past_key, past_value, live, scale, with_mass=False)
     return out, None
 
 
-def _group_query_attention(q, k, v, past_key, past_value, cache_len, scale):
+def _group_query_attention(q, k, v, past_key, past_value, cache_len, scale, slot_positions):
     batch, n_head, steps, head_dim = q.shape
 
     def flat(x: torch.Tensor) -> torch.Tensor:  # [B, heads, T, D] -> [B, T, heads * D]
@@ -124,9 +106,12 @@ def _group_query_attention(q, k, v, past_key, past_value, cache_len, scale):
 
     total = (cache_len + steps).to(torch.int32)
     seqlens = (total - 1).expand(batch).contiguous()  # the last live slot after this step
+    inputs = [flat(q), flat(k), flat(v), past_key, past_value, seqlens, total]
+    if slot_positions is not None:  # dead slots: -inf on their scores (attention_bias)
+        inputs += [None, None, None, _dead_slot_bias(slot_positions, cache_len, steps, n_head,
+                                                     q.dtype)]
     out, key, value = torch.onnx.ops.symbolic_multi_out(
-        "com.microsoft::GroupQueryAttention",
-        (flat(q), flat(k), flat(v), past_key, past_value, seqlens, total),
+        "com.microsoft::GroupQueryAttention", inputs,
         {"num_heads": n_head, "kv_num_heads": k.shape[1], "scale": float(scale)},
         dtypes=(q.dtype, past_key.dtype, past_value.dtype),
         shapes=((batch, steps, n_head * head_dim), past_key.shape, past_value.shape),
@@ -134,16 +119,33 @@ def _group_query_attention(q, k, v, past_key, past_value, cache_len, scale):
     return out, (key, value)
 
 
+def _dead_slot_bias(slot_positions: torch.Tensor, cache_len: torch.Tensor, steps: int,
+                    n_head: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, H, T, cache_len + T]: 0, or -inf where a slot below cache_len is dead; the kernel
+    wants exactly as many columns as it reads (cache_len + T, known only at run time)."""
+    batch, n_kv_head, capacity = slot_positions.shape
+    slot = torch.arange(capacity, device=slot_positions.device)
+    live = (slot_positions >= 0) | (slot >= cache_len)  # the step's own slots are live
+    bias = torch.zeros((), dtype=dtype).masked_fill(~live, -math.inf)  # [B, Hkv, C]
+    total = (cache_len + steps).item()
+    torch._check(total >= 1)
+    torch._check(total <= capacity)
+    bias = bias.narrow(-1, 0, total)
+    group = n_head // n_kv_head
+    return bias[:, :, None, None].expand(-1, -1, group, steps, -1).reshape(batch, n_head, steps,
+                                                                         total)
+
+
 def line_mass(queries: torch.Tensor, past_key: torch.Tensor, cache_len: torch.Tensor,
-              scale: float, slot_owner: torch.Tensor | None = None) -> torch.Tensor:
+              scale: float, slot_positions: torch.Tensor | None = None) -> torch.Tensor:
     """The attention mass a finished line's queries gave each live slot, per kv head.
 
     queries [B, H, R, Q, D]: the line's last Q queries (post-RoPE), each in R rotations;
     query t is the token in slot cache_len - Q + t. It sees the slots up to its own, as the
-    step that made it did, and its own slot's mass is left out (the step's own key). Returns
-    [B, Hkv, C] float32 summed over queries, rotations and the heads of each kv head: what
-    the scored steps of the line summed, computed once. With `slot_owner` [B, Hkv, C] (the
-    head-shared pool) a slot's mass comes from its owner's heads and is reported in its row.
+    step that made it did, and its own slot's mass is left out (the step's own key). With
+    `slot_positions` [B, Hkv, C] (per-head budgets) a slot at position -1 is dead and seen
+    by none. Returns [B, Hkv, C] float32 summed over queries, rotations and the heads of each
+    kv head: what the scored steps of the line summed, computed once.
     """
     batch, n_head, rotations, count, head_dim = queries.shape
     n_kv_head, capacity = past_key.shape[1], past_key.shape[2]
@@ -153,34 +155,12 @@ def line_mass(queries: torch.Tensor, past_key: torch.Tensor, cache_len: torch.Te
     own = cache_len - count + torch.arange(count, device=queries.device)  # [Q]
     # Row i of q is query i % Q; it sees slots <= its own.
     own = own.repeat(group * rotations)[:, None]  # [G*R*Q, 1]
-    if slot_owner is None:
-        keys, seen = past_key, slot[None, :] <= own  # [B, Hkv, C, D]; [G*R*Q, C]
-    else:
-        keys = past_key.reshape(batch, 1, -1, head_dim)  # the layer's pool
-        heads = torch.arange(n_kv_head, device=queries.device).view(1, -1, 1, 1)
-        owned = slot_owner.reshape(batch, 1, 1, -1) == heads  # [B, Hkv, 1, Hkv * C]
-        seen = owned & (slot.repeat(n_kv_head)[None, :] <= own)[None, None]
-    scores = _one_pool(q, keys.transpose(-1, -2)).float()
+    seen = slot[None, :] <= own  # [G*R*Q, C]
+    if slot_positions is not None:
+        seen = seen & (slot_positions[:, :, None, :] >= 0)  # [B, Hkv, G*R*Q, C]
+    scores = (q @ past_key.transpose(-1, -2)).float()
     probs = torch.softmax(scores.masked_fill(~seen, -math.inf), dim=-1)
-    left_out = seen & (slot.repeat(keys.shape[2] // capacity)[None, :] != own)
-    mass = (probs * left_out).sum(dim=2)  # [B, Hkv, C] or [B, Hkv (owner), Hkv * C]
-    if slot_owner is None:
-        return mass
-    # Each slot's mass from its owner's heads, in its own row.
-    return mass.gather(1, slot_owner.reshape(batch, 1, -1)).view(batch, n_kv_head, capacity)
-
-
-def _pooled(live: torch.Tensor, slot_owner: torch.Tensor, past_key: torch.Tensor,
-            past_value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The layer's slots as one pool [B, 1, Hkv * C, D] and, per kv head, the live slots it
-    owns [B, Hkv, Hkv * C]."""
-    batch, n_kv_head, capacity = slot_owner.shape
-    heads = torch.arange(n_kv_head, device=slot_owner.device).view(1, -1, 1)
-    owned = slot_owner.reshape(batch, 1, -1) == heads
-    live_rows = live.view(live.shape[0], 1, capacity).expand(-1, n_kv_head, -1)
-    visible = owned & live_rows.reshape(live.shape[0], 1, -1)
-    return (visible, past_key.reshape(batch, 1, -1, past_key.shape[-1]),
-            past_value.reshape(batch, 1, -1, past_value.shape[-1]))
+    return (probs * (seen & (slot != own))).sum(dim=2)
 
 
 def _attention_probs(q: torch.Tensor, k: torch.Tensor, past_key: torch.Tensor,
@@ -197,7 +177,7 @@ def _attention_probs(q: torch.Tensor, k: torch.Tensor, past_key: torch.Tensor,
     group = n_head // n_kv_head
     q = q.reshape(batch, n_kv_head, group * steps, head_dim)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    past_scores = _one_pool(q * scale, past_key.transpose(-1, -2)).float()  # [B, Hkv, G*S, C]
+    past_scores = ((q * scale) @ past_key.transpose(-1, -2)).float()  # [B, Hkv, G*S, C]
     heads_seen = live.shape[1] if live.dim() == 3 else 1
     past_scores = past_scores.masked_fill(~live.view(live.shape[0], heads_seen, 1, -1),
                                           -math.inf)
@@ -210,21 +190,18 @@ def _attention_probs(q: torch.Tensor, k: torch.Tensor, past_key: torch.Tensor,
     return torch.softmax(torch.cat([past_scores, own_scores], dim=-1), dim=-1)
 
 
-def _one_pool(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """left [B, Hkv, S, K] @ right [B, Hkv or 1, K, N]. With one shared pool (1), all heads'
-    rows go through one matmul: broadcasting would copy the pool once per kv head."""
-    if right.shape[1] == 1 and left.shape[1] > 1:
-        batch, heads, rows, _ = left.shape
-        return (left.reshape(batch, 1, heads * rows, -1) @ right).view(batch, heads, rows, -1)
-    return left @ right
+def per_slot(slot_positions: torch.Tensor | None) -> dict:
+    """A step's keyword arguments for the cache's slot positions: none where every slot
+    below cache_len is live (the graphs of such caches, and every family's step, take no
+    slot_positions)."""
+    return {} if slot_positions is None else {"slot_positions": slot_positions}
 
 
-def pool_args(slot_owner: torch.Tensor | None) -> dict:
-    """A step's keyword arguments for a head-shared pool's owners: none for a plain cache,
-    whose step (and every family's step without a pool) does not take slot_owner."""
-    return {} if slot_owner is None else {"slot_owner": slot_owner}
-
-
-def live_slots(capacity: int, cache_len: torch.Tensor) -> torch.Tensor:
-    """[B or 1, C] bool: slot < cache_len."""
-    return torch.arange(capacity, device=cache_len.device) < cache_len.reshape(-1, 1)
+def live_slots(capacity: int, cache_len: torch.Tensor,
+               slot_positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Slot < cache_len: [B or 1, C]; with `slot_positions` [B, Hkv, C] also position >= 0,
+    [B, Hkv, C] (a kv head's dead slots, per-head budgets)."""
+    live = torch.arange(capacity, device=cache_len.device) < cache_len.reshape(-1, 1)
+    if slot_positions is None:
+        return live
+    return live[:, None, :] & (slot_positions >= 0)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import cached_attention, decode_attention, line_mass, live_slots, pool_args
+from .attention import cached_attention, decode_attention, line_mass, live_slots, per_slot
 from .configs import GPTConfig, SequenceLayout
 from .rope import apply_rope, rope_table_2d, rotate_pairs
 
@@ -78,30 +78,28 @@ class Attention(nn.Module):
         past_value: torch.Tensor,
         live: torch.Tensor,
         score_cos_sin: torch.Tensor | None = None,
-        slot_owner: torch.Tensor | None = None,
     ):
         """Attend over live cache slots plus this step's own tokens (causal among them).
 
         Returns the block output, this step's k and v, and the attention mass per past slot
-        (measured with queries at the `score_cos_sin` positions when given). `slot_owner`
-        [B, Hkv, C]: the kv head each slot belongs to (head-shared pool; None: its row).
+        (measured with queries at the `score_cos_sin` positions when given). `live` [B or 1,
+        C], or [B, Hkv, C] when each kv head holds its own number of slots.
         """
         if score_cos_sin is None:
             (q, k, v), score_q = self.project(x, cos_sin), None
         else:
             q, k, v, score_q = self.project(x, cos_sin, score_cos_sin)
-        out, mass = cached_attention(q, k, v, past_key, past_value, live, score_q=score_q,
-                                     slot_owner=slot_owner)
+        out, mass = cached_attention(q, k, v, past_key, past_value, live, score_q=score_q)
         return self.wo(out), k, v, mass
 
     def decode(self, x: torch.Tensor, cos_sin: torch.Tensor, past_key: torch.Tensor,
                past_value: torch.Tensor, cache_len: torch.Tensor,
-               slot_owner: torch.Tensor | None = None):
+               slot_positions: torch.Tensor | None = None):
         """The step without scores: block output, k, v, the post-RoPE q, and the cache as a
         fused kernel leaves it (export only; see decode_attention)."""
         q, k, v = self.project(x, cos_sin)
         out, in_place = decode_attention(q, k, v, past_key, past_value, cache_len,
-                                         self.head_dim ** -0.5, slot_owner)
+                                         self.head_dim ** -0.5, slot_positions)
         return self.wo(out), k, v, q, in_place
 
     def full(self, x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
@@ -178,7 +176,7 @@ class GPT(nn.Module):
         cache_len: torch.Tensor,
         inputs_embeds: torch.Tensor | None = None,
         score_position_ids: torch.Tensor | None = None,
-        slot_owner: torch.Tensor | None = None,
+        slot_positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One decode step (DESIGN.md contract).
 
@@ -187,10 +185,14 @@ class GPT(nn.Module):
         attn_mass [L, B, H, C] float32. `inputs_embeds` [B, T, dim] replaces the embedding of
         input_ids (a caption prefix, which is no token). `score_position_ids` [B, R, T]
         (default position_ids): where the queries that measure attn_mass are rotated to, R
-        rotations of each; attn_mass sums over them. `slot_owner` [L, B, Hkv, C] int64: the kv
-        head whose keys each slot holds (the head-shared pool; None: the slot's own row).
+        rotations of each; attn_mass sums over them. `slot_positions` [L, B, Hkv, C] int64:
+        the sequence position each slot holds, -1 for a dead one below cache_len (per-head
+        budgets: a kv head that keeps fewer slots; None: all slots below cache_len live).
         """
-        live = live_slots(past_key.shape[3], cache_len)
+        capacity = past_key.shape[3]
+        live = [live_slots(capacity, cache_len,
+                           None if slot_positions is None else slot_positions[layer])
+                for layer in range(len(self.layers))]
         cos_sin = self.rope[position_ids]
         score_cos_sin = None
         if score_position_ids is not None:
@@ -201,8 +203,8 @@ class GPT(nn.Module):
         keys, values, masses = [], [], []
         for index, layer in enumerate(self.layers):
             attn_out, k, v, mass = layer.attention.step(
-                layer.attention_norm(h), cos_sin, past_key[index], past_value[index], live,
-                score_cos_sin, None if slot_owner is None else slot_owner[index],
+                layer.attention_norm(h), cos_sin, past_key[index], past_value[index], live[index],
+                score_cos_sin,
             )
             h = h + attn_out
             h = h + layer.feed_forward(layer.ffn_norm(h))
@@ -220,7 +222,7 @@ class GPT(nn.Module):
         past_value: torch.Tensor,
         cache_len: torch.Tensor,
         inputs_embeds: torch.Tensor | None = None,
-        slot_owner: torch.Tensor | None = None,
+        slot_positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list]:
         """The decode step: `step()` without attn_mass, and this step's post-RoPE queries.
 
@@ -235,7 +237,7 @@ class GPT(nn.Module):
         for index, layer in enumerate(self.layers):
             attn_out, k, v, q, updated = layer.attention.decode(
                 layer.attention_norm(h), cos_sin, past_key[index], past_value[index],
-                cache_len, None if slot_owner is None else slot_owner[index])
+                cache_len, None if slot_positions is None else slot_positions[index])
             h = h + attn_out
             h = h + layer.feed_forward(layer.ffn_norm(h))
             keys.append(k)
@@ -262,11 +264,12 @@ class GPT(nn.Module):
 
     def line_scores(self, line_query: torch.Tensor, score_shifts: torch.Tensor,
                     past_key: torch.Tensor, cache_len: torch.Tensor,
-                    slot_owner: torch.Tensor | None = None) -> torch.Tensor:
+                    slot_positions: torch.Tensor | None = None) -> torch.Tensor:
         """LineAR's scores at a line end, [L, B, Hkv, C] float32 (attention.line_mass).
 
         `line_query` [L, B, H, Q, D]: the finished line's last Q queries (decode()'s
         present_query), rotated by `score_shifts` [R] positions (R = 1, shift 0: in place).
+        `slot_positions` [L, B, Hkv, C]: -1 marks a dead slot (per-head budgets).
         """
         scale = self.config.head_dim ** -0.5
         # A layer at a time: the rotated queries of one layer stay in cache, all layers' at
@@ -274,7 +277,8 @@ class GPT(nn.Module):
         # elementwise ops cost more than the scores' matmuls.
         return torch.stack([
             line_mass(self.rotate_queries(line_query[layer], score_shifts), past_key[layer],
-                      cache_len, scale, None if slot_owner is None else slot_owner[layer])
+                      cache_len, scale,
+                      None if slot_positions is None else slot_positions[layer])
             for layer in range(len(self.layers))])
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None):
@@ -293,21 +297,21 @@ class GPT(nn.Module):
 class StepModule(nn.Module):
     """The step as a module whose forward is the graph to export; optionally without scores.
 
-    `slot_owner` [L, B, Hkv, C] int64 is a head-shared pool's (an input after cache_len);
-    None for a plain cache, whose graph then has no such input. The scored variant takes
-    `score_position_ids` too (the graph's last input).
+    `slot_positions` [L, B, Hkv, C] int64 is per-head budgets' (an input after cache_len);
+    None for a cache whose slots below cache_len are all live, whose graph then has no such
+    input. The scored variant takes `score_position_ids` too (the graph's last input).
     """
 
     def __init__(self, model: GPT, with_scores: bool = True):
         super().__init__()
         self.model, self.with_scores = model, with_scores
 
-    def forward(self, input_ids, position_ids, past_key, past_value, cache_len, slot_owner=None,
-                score_position_ids=None):
+    def forward(self, input_ids, position_ids, past_key, past_value, cache_len,
+                slot_positions=None, score_position_ids=None):
         logits, present_key, present_value, attn_mass = self.model.step(
             input_ids, position_ids, past_key, past_value, cache_len,
             score_position_ids=score_position_ids if self.with_scores else None,
-            **pool_args(slot_owner),
+            **per_slot(slot_positions),
         )
         if self.with_scores:
             return logits, present_key, present_value, attn_mass
@@ -319,16 +323,18 @@ class DecodeModule(nn.Module):
 
     Outputs logits, present_key, present_value, present_query and, exported with the fused
     kernel, the cache as it leaves it: every layer's keys, then every layer's values (bound
-    to the cache's own buffers by the engine). A head-shared pool's step takes slot_owner.
+    to the cache's own buffers by the engine). Per-head budgets' step takes slot_positions.
     """
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, position_ids, past_key, past_value, cache_len, slot_owner=None):
+    def forward(self, input_ids, position_ids, past_key, past_value, cache_len,
+                slot_positions=None):
         logits, present_key, present_value, present_query, in_place = self.model.decode(
-            input_ids, position_ids, past_key, past_value, cache_len, **pool_args(slot_owner))
+            input_ids, position_ids, past_key, past_value, cache_len,
+            **per_slot(slot_positions))
         return (logits, present_key, present_value, present_query,
                 *(key for key, _ in in_place), *(value for _, value in in_place))
 
@@ -340,9 +346,9 @@ class ScoreModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, line_query, score_shifts, past_key, cache_len, slot_owner=None):
+    def forward(self, line_query, score_shifts, past_key, cache_len, slot_positions=None):
         return self.model.line_scores(line_query, score_shifts, past_key, cache_len,
-                                      **pool_args(slot_owner))
+                                      **per_slot(slot_positions))
 
 
 class EmbedsPrefillModule(nn.Module):

@@ -146,7 +146,7 @@ def _wanted(config: BenchConfig, build: SharedBuild, policy, weight_format: str)
             "capacity": policy.capacity, "weights": build.weights, "variants": build.variants,
             "max_batch": build.max_rows, "cache_inputs": CACHE_LAYOUTS[True],
             "head_shared": policy.head_shared,
-            "attention": decode_kernel(build.attention, True, policy.head_shared),
+            "attention": decode_kernel(build.attention, True),
             "weight_format": weight_format, "tensorrt": build.tensorrt}
 
 

@@ -187,8 +187,7 @@ def _end_line(engine: Engine, stream: _Stream, finished_line: int, cfg: bool) ->
         shifts = policy.score_shifts(finished_line) or [0]
         scores = engine.score_line(stream.line_queries, torch.tensor(shifts), cache)
     keep = policy.select(cache.positions[..., :live],
-                         None if scores is None else scores[..., :live], finished_line, cfg,
-                         owner=cache.owner[..., :live] if cache.head_shared else None)
+                         None if scores is None else scores[..., :live], finished_line, cfg)
     if keep is not None:
         cache.compact(keep, *(() if stream.scores is None else (stream.scores,)))  # H2O's sums
     return keep is not None

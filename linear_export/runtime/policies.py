@@ -186,11 +186,17 @@ class Policy:
 
     @property
     def capacity(self) -> int:
-        """Cache slots needed: prefix + budget + the line in flight, never above the full cache."""
+        """Cache slots needed: prefix + budget + the line in flight, never above the full cache.
+
+        With `head_budgets` a row holds one kv head's slots, so it must hold the largest
+        count any head keeps: the price in memory of letting each head read only its own."""
         layout = self.layout
         if not self.evicts:
             return layout.length
-        return min(layout.prefix + self.budget + layout.width, layout.length)
+        most = self.budget
+        if self.config.head_budgets is not None:
+            most = max(most, int(self.config.head_budgets.max()))
+        return min(layout.prefix + most + layout.width, layout.length)
 
     def score_shifts(self, query_line: int) -> list[int] | None:
         """How far the scoring queries of image line `query_line` are moved: 1, 2, ..
@@ -239,65 +245,45 @@ class Policy:
         return evicts_at_line_end and image_index % width >= width - queries
 
     def select(self, positions: torch.Tensor, scores: torch.Tensor | None, finished_line: int,
-               cfg: bool, owner: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Slots to keep among the live ones, ascending, in KVCache.compact's form; None: all.
+               cfg: bool) -> torch.Tensor | None:
+        """Slots to keep among the live ones, in KVCache.compact's form; None: all.
 
-        positions, scores, owner: [L, B, Hkv, n] over the live slots: the sequence position
-        each holds, the attention mass it received (score-based policies), the kv head whose
-        keys it holds. Each kv head keeps the prefix and `budget` image tokens, or with
-        `head_budgets` its own count, of the layer's Hkv * n slots: [L, B, Hkv * K]
-        (_select_per_owner).
-
-        `owner` None is a plain cache, the pool whose owners are the identity and whose heads
-        all keep one count: there the per-owner ranking is each row's own, and a top-k per
-        row finds it, [L, B, Hkv, K] (row r's own slots). Measured (GPT-B 256 px, 12 layers
-        x 16 rows x 12 heads x 81 slots, one thread): 5 ms per line end this way, 14 ms
-        through the per-owner ranking (two sorts over the layer's pool), so the plain cache
-        keeps the shortcut.
+        positions, scores: [L, B, Hkv, n] over the live extent: the sequence position each
+        slot holds (-1: a dead slot of a head that holds fewer), the attention mass it
+        received (score-based policies). Each kv head keeps the prefix and `budget` image
+        tokens of its own slots, or with `head_budgets` its own count: [L, B, Hkv, K]
+        ascending, a head that keeps fewer than K ending its row with -1s.
         """
-        if positions.shape[-1] - self.layout.prefix <= self.budget:
+        layout, table = self.layout, self.config.head_budgets
+        if table is None:
+            if positions.shape[-1] - layout.prefix <= self.budget:
+                return None
+            priority = self.priority(positions, scores, finished_line, cfg)
+            keep = torch.topk(priority, layout.prefix + self.budget, dim=-1, sorted=False)
+            return keep.indices.sort(dim=-1).values
+        counts = table[finished_line].to(positions.device)[:, None, :] + layout.prefix
+        held = (positions >= 0).sum(-1)
+        if bool((held <= counts).all()):
             return None
-        priority = self.priority(positions, scores, finished_line, cfg, owner)
-        if owner is not None:
-            return self._select_per_owner(priority, owner, finished_line)
-        keep = torch.topk(priority, self.layout.prefix + self.budget, dim=-1, sorted=False).indices
-        return keep.sort(dim=-1).values
+        return self._select_per_head(self.priority(positions, scores, finished_line, cfg),
+                                     counts)
 
-    def _select_per_owner(self, priority: torch.Tensor, owner: torch.Tensor,
-                          finished_line: int) -> torch.Tensor:
-        """[L, B, Hkv * K] of a head-shared pool's live slots (row r's slot c is r * n + c):
-        each kv head keeps its own count (`head_budgets`), the layer Hkv * K in all.
-
-        A head that owns fewer slots than its count keeps them all, and the layer's remaining
-        slots go to the best of the other heads' slots. Without head_budgets every head's
-        count is the budget.
-        """
-        layout, heads = self.layout, priority.shape[2]
-        priority, owner = priority.flatten(2), owner.flatten(2)
-        # Each slot's rank among its owner's slots: order by priority, then (stably) by owner.
-        order = torch.sort(priority, dim=-1, descending=True, stable=True).indices
-        order = order.gather(-1, torch.sort(owner.gather(-1, order), dim=-1, stable=True).indices)
-        grouped_owner = owner.gather(-1, order)
-        head_ids = torch.arange(heads, device=owner.device).expand(*owner.shape[:2], heads)
-        first = torch.searchsorted(grouped_owner, head_ids.contiguous())
-        grouped_rank = torch.arange(owner.shape[-1], device=owner.device) - first.gather(
-            -1, grouped_owner)
-        rank = torch.empty_like(grouped_rank).scatter_(-1, order, grouped_rank)
-        table = self.config.head_budgets
-        counts = (torch.full((priority.shape[0], heads), self.budget, device=owner.device)
-                  if table is None else table[finished_line].to(owner.device)) + layout.prefix
-        counts = counts[:, None, :].expand(*owner.shape[:2], heads)
-        chosen = rank < counts.gather(-1, owner)
-        total = heads * (layout.prefix + self.budget)
-        keep = torch.topk(priority.masked_fill(chosen, ALWAYS), total, dim=-1, sorted=False)
-        return keep.indices.sort(dim=-1).values
+    @staticmethod
+    def _select_per_head(priority: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Each head's best `counts` [L, 1, Hkv] of its live slots (dead ones are -inf), in
+        KVCache.compact's form: [L, B, Hkv, max count], padded with -1."""
+        most = min(int(counts.max()), priority.shape[-1])
+        best = torch.topk(priority, most, dim=-1)  # sorted: rank k is the head's k-th best
+        rank = torch.arange(most, device=priority.device)
+        chosen = (rank < counts[..., None]) & (best.values > -ALWAYS)
+        padding = priority.shape[-1]  # sorts after every slot, then becomes -1
+        keep = best.indices.masked_fill(~chosen, padding).sort(dim=-1).values
+        return keep.masked_fill(keep == padding, -1)
 
     def priority(self, positions: torch.Tensor, scores: torch.Tensor | None, finished_line: int,
-                 cfg: bool, owner: torch.Tensor | None = None) -> torch.Tensor:
-        """Priority per live slot [L, B, Hkv, n]: higher is kept first, +inf always.
-
-        `owner` [L, B, Hkv, n]: the kv head each slot holds (head-shared pool; None: its row).
-        """
+                 cfg: bool) -> torch.Tensor:
+        """Priority per live slot [L, B, Hkv, n]: higher is kept first, +inf always, -inf for
+        a dead slot (position -1, past its head's own slots)."""
         layout = self.layout
         image_index = (positions - layout.prefix).float()
         newest = (finished_line + 1) * layout.width - 1
@@ -307,7 +293,7 @@ class Policy:
             )
             priority = self.shared(scores, cfg)
             if self.config.position_prior is not None:
-                priority = self.with_prior(priority, positions, finished_line, owner)
+                priority = self.with_prior(priority, positions, finished_line)
         elif self.name == "h2o":
             keep_always = image_index > newest - self.recent_tokens
             priority = self.shared(scores, cfg)
@@ -317,27 +303,24 @@ class Policy:
         else:  # window: the newest whole lines
             keep_always = torch.zeros_like(image_index, dtype=torch.bool)
             priority = image_index
-        return priority.masked_fill(keep_always | (image_index < 0), ALWAYS)
+        priority = priority.masked_fill(keep_always | (image_index < 0), ALWAYS)
+        return priority.masked_fill(positions < 0, -ALWAYS)
 
-    def with_prior(self, scores: torch.Tensor, positions: torch.Tensor, finished_line: int,
-                   owner: torch.Tensor | None) -> torch.Tensor:
+    def with_prior(self, scores: torch.Tensor, positions: torch.Tensor,
+                   finished_line: int) -> torch.Tensor:
         """Each head's share of its scores plus its weight times the position prior.
 
         Shares, not raw mass, so the weight means the same in every head and on every line:
         both terms sum to 1 over a head's keys. Weight 0 keeps LineAR's own ranking.
         """
-        layers, batch, heads, _ = positions.shape
+        layers, _, heads, _ = positions.shape
         device = positions.device
-        if owner is None:
-            owner = torch.arange(heads, device=device).view(1, 1, heads, 1).expand_as(positions)
-        flat_owner = owner.flatten(2)
-        totals = torch.zeros(layers, batch, heads, device=device).scatter_add_(
-            -1, flat_owner, scores.float().flatten(2))
-        share = scores / totals.gather(-1, flat_owner).view_as(scores).clamp(min=1e-12)
+        share = scores / scores.float().sum(-1, keepdim=True).clamp(min=1e-12)
         layer = torch.arange(layers, device=device).view(-1, 1, 1, 1)
+        head = torch.arange(heads, device=device).view(1, 1, -1, 1)
         image_index = (positions - self.layout.prefix).clamp(0, self.layout.image_tokens - 1)
-        prior = self.config.position_prior[finished_line].to(device)[layer, owner, image_index]
-        return share + self.config.prior_weight.to(device)[layer, owner] * prior
+        prior = self.config.position_prior[finished_line].to(device)[layer, head, image_index]
+        return share + self.config.prior_weight.to(device)[layer, head] * prior
 
     def shared(self, scores: torch.Tensor, cfg: bool) -> torch.Tensor:
         """Scores pooled over the dimensions that share one selection (heads, CFG halves)."""
@@ -372,6 +355,9 @@ def fit_policy(policy: Policy, capacity: int) -> Policy:
         if policy.name == "full":
             fix = ("rebuild it with linear-export build --policy full, or run an evicting policy "
                    "such as --policy linear --budget 1/4")
+        elif policy.head_shared:
+            fix = (f"rebuild it with linear-export build --head-budgets FILE --budget "
+                   f"{policy.budget} (the same file: its largest per-head count sizes the cache)")
         else:
             fix = (f"rebuild it with linear-export build --policy {policy.name} --budget "
                    f"{policy.budget}, or choose a smaller --budget")
