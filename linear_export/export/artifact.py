@@ -37,11 +37,9 @@ from .step_variants import (
     export_score_sharing,
 )
 
-# 2: the scored step takes score_position_ids; 3: shaped [B, R, T]; 4: a head-shared pool's
-# step takes slot_owner (build["head_shared"]); 5: the decode step (present_query, fused
-# attention: build["attention"]) and LineAR's line-end score graph replace step_noscores;
-# 6: per-head budgets' steps take slot_positions [L, B, Hkv, C] in place of slot_owner, and
-# run the fused kernel (a version 5 artifact without them is the same and still read).
+# Schema 2: score_position_ids; 3: shaped [B, R, T]; 4: slot_owner (a head-shared pool); 5: the
+# decode step (present_query, fused attention) and the score graph replace step_noscores;
+# 6: slot_positions replace slot_owner (a version 5 artifact without them reads the same).
 SCHEMA_VERSION = 6
 READABLE_VERSIONS = (5, 6)
 STEP_DATA = "step.onnx.data"
@@ -121,8 +119,7 @@ class Artifact:
 
     @property
     def head_shared(self) -> bool:
-        """Whether the step graphs take slot_positions: per-head budgets, where a kv head that
-        keeps fewer slots has dead ones below cache_len."""
+        """Whether the steps take slot_positions (per-head budgets: dead slots of a kv head)."""
         return bool(self.manifest["build"].get("head_shared", False))
 
     @property
@@ -225,8 +222,7 @@ def build_artifact(
     "sha256"} or {"source": "random", "seed", "std"}); `build_options` records the policy.
     `split_cache`: one cache input per layer (bound in place; see export/split_cache.py).
     `head_shared`: the steps take slot_positions, for per-head budgets.
-    `attention`: the decode step's kernel, 'gqa' (ONNX Runtime's fused GroupQueryAttention,
-    where split_cache allows it) or 'math' (standard ops: TensorRT).
+    `attention`: the decode step's kernel, 'gqa' (ONNX Runtime's, needs split_cache) or 'math'.
     `vq_decoder`: (VQModel, record) adds `vq_decoder.onnx`; the record (model name, weights
     path and hash) goes into the manifest so verify can rebuild the PyTorch decoder.
     """
@@ -373,10 +369,10 @@ def load_artifact(path: str | Path, *, check_hashes: bool = True) -> Artifact:
     except (ValueError, KeyError, TypeError, AttributeError):
         raise UserError(f"{MANIFEST} in '{path}' is corrupt (not a valid manifest); "
                         f"{REBUILD}.") from None
-    head_shared = isinstance(manifest.get("build"), dict) and manifest["build"].get("head_shared")
-    if version not in READABLE_VERSIONS or (version < 6 and head_shared):
-        raise UserError(f"{MANIFEST} in '{path}' has schema version {version}"
-                        f"{' with per-head budgets' if head_shared else ''}, but this "
+    pool = isinstance(manifest.get("build"), dict) and manifest["build"].get("head_shared")
+    if version not in READABLE_VERSIONS or (version < 6 and pool):  # 5's pool: slot_owner
+        what = f"{version} with per-head budgets" if pool else version
+        raise UserError(f"{MANIFEST} in '{path}' has schema version {what}, but this "
                         f"linear-export reads version {SCHEMA_VERSION}; {REBUILD}.")
     for required in (STEP, STEP_DATA):
         if required not in files:
