@@ -3,6 +3,7 @@ embeds them (examples/serve.py, run as a process and asked for an image over HTT
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import urllib.request
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import linear_export as le
 from linear_export.runtime.decode import png_bytes
@@ -65,8 +67,11 @@ def test_a_spec_with_keywords_too_is_one_clear_error() -> None:
 
 
 def test_the_example_service_answers_with_the_image_the_api_makes() -> None:
+    # CPU numerics depend on the thread count, and other tests (in-process `sample`) change
+    # this process's: both sides sample on one thread.
     process = subprocess.Popen([sys.executable, str(ROOT / "examples" / "serve.py"),
-                                "--port", "0"], stdout=subprocess.PIPE, text=True)
+                                "--port", "0"], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         line = process.stdout.readline()
         assert line.startswith("serving on http://127.0.0.1:"), line
@@ -80,8 +85,13 @@ def test_the_example_service_answers_with_the_image_the_api_makes() -> None:
     finally:
         process.terminate()
         process.wait(timeout=30)
-    engine = le.open_engine(le.load_model())
-    expected = le.generate(engine, [4], le.make_policy("linear:1/4", engine),
-                           le.SamplingConfig(cfg_scale=1.0), seed=11,
-                           decoder=le.load_decoder(engine))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        engine = le.open_engine(le.load_model())
+        expected = le.generate(engine, [4], le.make_policy("linear:1/4", engine),
+                               le.SamplingConfig(cfg_scale=1.0), seed=11,
+                               decoder=le.load_decoder(engine))
+    finally:
+        torch.set_num_threads(threads)
     assert served == png_bytes(expected.images[0])
