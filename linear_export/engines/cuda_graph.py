@@ -82,14 +82,14 @@ class DecodeGraphs:
         self.cache_len.fill_(cache.cache_len)
 
         def run() -> StepOutput:
-            per_head = per_slot(cache.shared_positions)
+            slots = per_slot(cache.shared_positions)
             if score_position_ids is None:
                 logits, key, value, query, _ = self.model.decode(
-                    input_ids, position_ids, cache.key, cache.value, self.cache_len, **per_head)
+                    input_ids, position_ids, cache.key, cache.value, self.cache_len, **slots)
                 return StepOutput(logits, key, value, None, query)
             return StepOutput(*self.model.step(
                 input_ids, position_ids, cache.key, cache.value, self.cache_len,
-                score_position_ids=score_position_ids, **per_head))
+                score_position_ids=score_position_ids, **slots))
 
         # Warm up on a side stream so lazy initialisation (cuBLAS handles, autotuning) is
         # not captured; the step never writes the cache, so running it here is harmless.

@@ -61,17 +61,17 @@ class TorchEngine:
                                     score_position_ids)
         self._cache_len.fill_(cache.cache_len)
         embeds = None if inputs_embeds is None else inputs_embeds.to(self.device, self.dtype)
-        per_head = per_slot(cache.shared_positions)
+        slots = per_slot(cache.shared_positions)
         if need_scores:
             logits, present_key, present_value, attn_mass = self.model.step(
                 input_ids, position_ids, cache.key, cache.value, self._cache_len,
-                inputs_embeds=embeds, score_position_ids=score_position_ids, **per_head)
+                inputs_embeds=embeds, score_position_ids=score_position_ids, **slots)
             return StepOutput(logits, present_key, present_value, attn_mass)
         compiled = self._compiled is not None and input_ids.shape[1] == 1 and embeds is None
         decode = self._compiled if compiled else self.model.decode
         logits, present_key, present_value, present_query, _ = decode(
             input_ids, position_ids, cache.key, cache.value, self._cache_len,
-            inputs_embeds=embeds, **per_head)
+            inputs_embeds=embeds, **slots)
         return StepOutput(logits, present_key, present_value, None, present_query)
 
     @torch.inference_mode()

@@ -255,23 +255,21 @@ class Policy:
         ascending, a head that keeps fewer than K ending its row with -1s.
         """
         layout, table = self.layout, self.config.head_budgets
-        if table is None:
+        if table is None:  # every head keeps the budget, and holds the live extent
             if positions.shape[-1] - layout.prefix <= self.budget:
                 return None
-            priority = self.priority(positions, scores, finished_line, cfg)
-            keep = torch.topk(priority, layout.prefix + self.budget, dim=-1, sorted=False)
-            return keep.indices.sort(dim=-1).values
-        counts = table[finished_line].to(positions.device)[:, None, :] + layout.prefix
-        held = (positions >= 0).sum(-1)
-        if bool((held <= counts).all()):
-            return None
+            counts = torch.full((1, 1, 1), layout.prefix + self.budget, device=positions.device)
+        else:
+            counts = table[finished_line].to(positions.device)[:, None, :] + layout.prefix
+            if bool(((positions >= 0).sum(-1) <= counts).all()):
+                return None
         return self._select_per_head(self.priority(positions, scores, finished_line, cfg),
                                      counts)
 
     @staticmethod
     def _select_per_head(priority: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Each head's best `counts` [L, 1, Hkv] of its live slots (dead ones are -inf), in
-        KVCache.compact's form: [L, B, Hkv, max count], padded with -1."""
+        """Each head's best `counts` [L or 1, 1, Hkv or 1] of its live slots (dead ones are
+        -inf), in KVCache.compact's form: [L, B, Hkv, max count], padded with -1."""
         most = min(int(counts.max()), priority.shape[-1])
         best = torch.topk(priority, most, dim=-1)  # sorted: rank k is the head's k-th best
         rank = torch.arange(most, device=priority.device)
