@@ -1,13 +1,15 @@
-"""Low-precision artifacts (export/quantize.py): weight-only int8/int4 (MatMulNBits) and
-w8a8 (dynamic int8 MatMulInteger) in every graph that has weights, one shared weight file, and
-steps close to the fp32 model's."""
+"""Low-precision artifacts (export/quantize.py): weight-only int8/int4 (MatMulNBits, or
+DequantizeLinear -> MatMul in standard-op graphs, TensorRT's form) and w8a8 (dynamic int8
+MatMulInteger) in every graph that has weights, one shared weight file, and steps close to the
+fp32 model's."""
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 import torch
-from artifact_fixtures import _ROOT, model_for
+from artifact_fixtures import _ROOT, built, model_for
 from test_onnx_export import step_inputs
 
 from linear_export.engines.ort import OrtEngine
@@ -16,14 +18,15 @@ from linear_export.export.artifact import build_artifact, load_artifact
 from linear_export.export.quantize import count_quantized
 
 
-def quantized(weight_format: str):
-    out = _ROOT / f"GPT-tiny-{weight_format}"
+def quantized(weight_format: str, attention: str = "gqa"):
+    out = _ROOT / f"GPT-tiny-{weight_format}-{attention}"
     if not out.exists():
         model = model_for()
         build_artifact(model, out, model_name="GPT-tiny", image_size=24,
                        weights={"source": "random", "seed": 0, "std": 0.2},
                        capacity=model.layout.length, build_options={"policy": "full"},
-                       max_batch=8, split_cache=True, weight_format=weight_format)
+                       max_batch=8, split_cache=True, attention=attention,
+                       weight_format=weight_format)
     return out
 
 
@@ -43,15 +46,10 @@ def test_quantized_steps_stay_close_to_fp32(weight_format: str, share: float) ->
         assert not [node for node in graph.node
                     if node.op_type == "MatMul" and node.input[1] in weights]
     assert sorted(path.name for path in directory.glob("*.data")) == ["step.onnx.data"]
-    model, engine = model_for(), OrtEngine(directory)
-    ids, positions, cache = step_inputs(model, 3, 1, 9, torch.float32, engine.capacity)
-    with torch.no_grad():
-        want = model.decode(ids, positions, cache.key.clone(), cache.value.clone(),
-                            cache.cache_len_tensor())
-    out = engine.step(ids, positions, cache)
-    error = (out.logits - want[0]).abs().max().item()
-    print(f"{weight_format}: {error / want[0].abs().max().item():.3f} of the largest logit")
-    assert 0 < error < share * want[0].abs().max().item()  # changed, but not by much
+    got, want = _decode_logits(directory, model_for())
+    error = (got - want).abs().max().item()
+    print(f"{weight_format}: {error / want.abs().max().item():.3f} of the largest logit")
+    assert 0 < error < share * want.abs().max().item()  # changed, but not by much
 
 
 def test_w8a8_runs_as_one_fused_dynamic_quantized_matmul() -> None:
@@ -77,11 +75,13 @@ def test_an_unknown_weight_format_is_one_sentence(tmp_path) -> None:
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("weight_format", ["int8", "w8a8"])
+@pytest.mark.parametrize(("weight_format", "attention"),
+                         [("int8", "gqa"), ("w8a8", "gqa"), ("int4", "math")])
 def test_verify_checks_a_quantized_artifact_at_its_recorded_tolerances(
-        tmp_path, weight_format: str) -> None:
+        tmp_path, weight_format: str, attention: str) -> None:
     """build --weights W, then verify: against the fp32 model at W's tolerances, and greedy
-    tokens that differ from fp32's are reported, not failed."""
+    tokens that differ from fp32's are reported, not failed. int4 in TensorRT's form
+    (--attention math) is held to the same tolerances as ONNX Runtime's."""
     from click.testing import CliRunner
 
     from linear_export.cli import main
@@ -89,9 +89,78 @@ def test_verify_checks_a_quantized_artifact_at_its_recorded_tolerances(
     out = tmp_path / weight_format
     built = CliRunner().invoke(main, ["build", "--model", "GPT-tiny", "--image-size", "24",
                                       "--random-weights", "--weights", weight_format,
-                                      "--max-batch", "8", "--out", str(out)])
+                                      "--attention", attention, "--max-batch", "8",
+                                      "--out", str(out)])
     assert built.exit_code == 0, built.output
     assert load_artifact(out).weight_format == weight_format
     result = CliRunner().invoke(main, ["verify", str(out), "--batch", "2"])
     assert result.exit_code == 0, result.output
     assert f"{weight_format} tolerances" in result.output and "result" in result.output
+
+
+def _decode_logits(directory, model, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the artifact's decode logits, the fp32 model's) for one random decode step."""
+    engine = OrtEngine(directory)
+    torch.manual_seed(seed)  # the same inputs whatever ran before in this process
+    ids, positions, cache = step_inputs(model, 3, 1, 9, torch.float32, engine.capacity)
+    with torch.no_grad():
+        want = model.decode(ids, positions, cache.key.clone(), cache.value.clone(),
+                            cache.cache_len_tensor())[0]
+    return engine.step(ids, positions, cache).logits.clone(), want
+
+
+@pytest.mark.parametrize("weight_format", ["int8", "int4"])
+def test_standard_op_graphs_carry_weights_as_blockwise_dequantize_linear(
+        weight_format: str) -> None:
+    """--attention math (TensorRT's graphs): every weight MatMul reads DequantizeLinear of an
+    int constant, symmetric blocks of 32 along K, each value rounded to its step of the fp32
+    weight; no float weight is left and no ONNX Runtime op is written."""
+    directory = quantized(weight_format, "math")
+    bits = {"int8": 8, "int4": 4}[weight_format]
+    fp32 = {tensor.name: onnx.numpy_helper.to_array(tensor) for tensor in onnx.load(
+        str(built("GPT-tiny", split_cache=True, attention="math") / "step_decode.onnx"))
+        .graph.initializer}
+    for name in ("step.onnx", "step_decode.onnx"):
+        model = onnx.load(str(directory / name))
+        assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 21
+        assert not [n for n in model.graph.node if n.domain == "com.microsoft"]
+        initializers = {t.name: t for t in model.graph.initializer}
+        dequantize = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
+        weighted = [n for n in model.graph.node if n.op_type == "MatMul"
+                    and (n.input[1] in initializers or n.input[1] in dequantize)]
+        assert len(weighted) == 2 * 5 + 1 and count_quantized(directory / name) == 2 * 5 + 1
+        for node in weighted:
+            dq = dequantize[node.input[1]]  # never a float initializer
+            attributes = {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}
+            assert attributes == {"axis": 0, "block_size": 32}
+            values = onnx.numpy_helper.to_array(initializers[dq.input[0]]).astype(np.float32)
+            assert values.min() >= -(2 ** (bits - 1)) and values.max() < 2 ** (bits - 1)
+            scale = onnx.numpy_helper.to_array(initializers[dq.input[1]])
+            assert scale.shape == (-(-values.shape[0] // 32), values.shape[1])
+            step = np.repeat(scale, 32, axis=0)[:values.shape[0]]  # int4's are negative
+            if name == "step_decode.onnx" and dq.input[0].rsplit("_DQ_Q", 1)[0] in fp32:
+                original = fp32[dq.input[0].rsplit("_DQ_Q", 1)[0]]
+                # Round to nearest: half a step; int4's grid is -8..7 with the block's largest
+                # magnitude at -8, so the other sign's extreme clips at 7: one step.
+                bound = np.abs(step) * (0.5 if bits == 8 else 1.0) + 1e-6
+                assert np.all(np.abs(values * step - original) <= bound)
+    assert sorted(path.name for path in directory.glob("*.data")) == ["step.onnx.data"]
+
+
+@pytest.mark.parametrize(("weight_format", "share"), [("int8", 0.1), ("int4", 0.6)])
+def test_onnx_runtime_runs_the_standard_form_as_its_own_matmul_nbits(
+        weight_format: str, share: float) -> None:
+    """The CPU session fuses DequantizeLinear -> MatMul back into MatMulNBits (checked in its
+    optimized model): the same op and speed as the ONNX Runtime form, and int4's logits equal
+    that form's (the same quantizer), within the attention kernels' rounding."""
+    directory = quantized(weight_format, "math")
+    model = model_for()
+    got, want = _decode_logits(directory, model)
+    (optimized,) = (directory / ".ort").glob("step_decode.*/model.onnx")
+    ops = [n.op_type for n in onnx.load(str(optimized), load_external_data=False).graph.node]
+    assert ops.count("MatMulNBits") == 2 * 5 + 1 and "DequantizeLinear" not in ops
+    error = (got - want).abs().max().item()
+    assert 0 < error < share * want.abs().max().item()
+    if weight_format == "int4":
+        ort_form, _ = _decode_logits(quantized("int4"), model)
+        assert (got - ort_form).abs().max().item() < 1e-3 * want.abs().max().item()

@@ -94,15 +94,14 @@ def test_build_config_rejects_impossible_values() -> None:
     assert TrtBuildConfig(max_batch=16, opt_batch=16).workspace_bytes == 4 * GiB
 
 
-@pytest.mark.parametrize("weights", ["int8", "w8a8"])
-def test_quantized_weights_are_not_built_into_tensorrt_plans(tmp_path, weights: str) -> None:
-    """ONNX Runtime's quantized MatMuls do not parse in TensorRT: one sentence before any
-    export, and nothing written."""
+def test_w8a8_weights_are_not_built_into_tensorrt_plans(tmp_path) -> None:
+    """w8a8's MatMulInteger does not parse in TensorRT: one sentence before any export, and
+    nothing written (int8/int4 go as DequantizeLinear, test_quantize.py)."""
     import linear_export as le
 
     source = le.ModelSource(model="GPT-tiny", image_size=24, random_weights=True)
-    with pytest.raises(UserError, match=f"--weights {weights} makes ONNX Runtime's own"):
-        le.build(source, tmp_path / "art", weights=weights,
+    with pytest.raises(UserError, match="--weights w8a8 makes ONNX Runtime's own integer"):
+        le.build(source, tmp_path / "art", weights="w8a8",
                  tensorrt=TrtBuildConfig(max_batch=8, opt_batch=4))
     assert not (tmp_path / "art").exists()
 
@@ -240,3 +239,17 @@ def test_fp16_plans_are_strongly_typed_from_the_graph(tmp_path) -> None:
     assert engine.dtype == torch.float16
     verified = run("verify", out, "--device", "cuda", "--batch", "1", "--policy", "full")
     assert verified.exit_code == 0, verified.output
+
+
+@needs_tensorrt
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_weight_only_plans_build_and_verify(tmp_path, weights: str) -> None:
+    """--weights int8|int4 reach TensorRT as DequantizeLinear -> MatMul; the plans pass
+    verify at that precision's recorded tolerances, against torch and against ort."""
+    out = tmp_path / weights
+    result = run("build", *TINY, "--dtype", "fp16", "--weights", weights, "--policy", "full",
+                 "--max-batch", "4", "--tensorrt", "--out", out)
+    assert result.exit_code == 0, result.output
+    verified = run("verify", out, "--device", "cuda", "--batch", "1", "--policy", "full")
+    assert verified.exit_code == 0, verified.output
+    assert "tensorrt vs torch" in verified.output and f"{weights} tolerances" in verified.output

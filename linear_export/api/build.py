@@ -68,12 +68,12 @@ def build(source: ModelSource, out: str | Path, options: BuildOptions | None = N
     if options.tensorrt is not None and options.attention == "gqa":
         raise UserError("--attention gqa is ONNX Runtime's own op, which TensorRT cannot parse; "
                         "drop --attention (math is the default with --tensorrt).")
-    if options.tensorrt is not None and options.weights != "fp32":
-        # MatMulNBits and MatMulInteger are ONNX Runtime's ops; a TensorRT weight-only Q/DQ
-        # export is not built (docs/gpu.md).
-        raise UserError(f"--weights {options.weights} makes ONNX Runtime's own quantized "
-                        "MatMuls, which TensorRT cannot parse; drop --weights with --tensorrt, "
-                        "or build the quantized artifact without --tensorrt for ONNX Runtime.")
+    if options.tensorrt is not None and options.weights == "w8a8":
+        # int8/int4 go to TensorRT as DequantizeLinear -> MatMul (export/quantize.py); w8a8's
+        # MatMulInteger has no TensorRT form.
+        raise UserError("--weights w8a8 makes ONNX Runtime's own integer MatMuls, which "
+                        "TensorRT cannot parse; use --weights int8 or int4 with --tensorrt "
+                        "(weight-only), or build w8a8 without --tensorrt for ONNX Runtime.")
     attention = options.attention or ("math" if options.tensorrt is not None else "gqa")
     options = replace(options, attention=attention)
     out = Path(out)

@@ -54,10 +54,12 @@ def directory_bytes(path: Path) -> int:
 @click.option("--weights", "weight_format", type=click.Choice(WEIGHT_FORMATS), default="fp32",
               show_default=True,
               help="Precision of the graphs' weight MatMuls: fp32 keeps --dtype; int8 or "
-                   "int4 use ONNX Runtime's weight-only MatMulNBits (block 32, int8 compute "
-                   "on VNNI/AMX CPUs); w8a8 its dynamic quantization (int8 weights per "
-                   "channel, activations quantized per step; the fastest on VNNI CPUs). "
-                   "Quality and speed of each: docs/speed.md.")
+                   "int4 are weight-only, symmetric blocks of 32: ONNX Runtime's MatMulNBits "
+                   "(int8 compute on VNNI CPUs), or with --attention math / --tensorrt "
+                   "DequantizeLinear -> MatMul, standard ONNX that TensorRT builds into "
+                   "weight-only GEMMs; w8a8 is ONNX Runtime's dynamic quantization (7-bit "
+                   "weights per channel, activations quantized per step; the fastest on VNNI "
+                   "CPUs; not with --tensorrt). Quality and speed of each: docs/speed.md.")
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True,
               help="ONNX opset.")
 @click.option("--cache-inputs", type=click.Choice(["stacked", "per-layer"]), default="per-layer",

@@ -30,7 +30,7 @@ from .onnx_step import (
     decode_kernel,
     export_step,
 )
-from .quantize import WEIGHT_FORMATS
+from .quantize import WEIGHT_FORMATS, quantize_graphs
 from .step_variants import (
     export_decode_sharing,
     export_embeds_prefill_sharing,
@@ -287,10 +287,9 @@ def _export_step_graphs(model: GPT, staging: Path, *, kernel: str, weight_format
         uncond = model.cls_embedding.uncond_embedding.detach().float().contiguous().cpu()
         save_file({"uncond_embedding": uncond}, str(staging / UNCOND))
     if weight_format != "fp32":
-        from .quantize import quantize_graphs
-
         weighted = [STEP_DECODE] + ([PREFILL_EMBEDS] if caption_dim is not None else [])
-        quantize_graphs(staging, STEP, weighted, [SCORE], weight_format, log)
+        quantize_graphs(staging, STEP, weighted, [SCORE], weight_format, log,
+                        standard_ops=kernel == "math")  # TensorRT's form for standard-op graphs
     return io
 
 
