@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from artifact_fixtures import _ROOT, built, model_for
+from artifact_fixtures import _ROOT, model_for
 from test_onnx_export import step_inputs
 
 from linear_export.engines.ort import OrtEngine
@@ -117,18 +117,20 @@ def test_standard_op_graphs_carry_weights_as_blockwise_dequantize_linear(
     weight; no float weight is left and no ONNX Runtime op is written."""
     directory = quantized(weight_format, "math")
     bits = {"int8": 8, "int4": 4}[weight_format]
-    fp32 = {tensor.name: onnx.numpy_helper.to_array(tensor) for tensor in onnx.load(
-        str(built("GPT-tiny", split_cache=True, attention="math") / "step_decode.onnx"))
-        .graph.initializer}
+    # The model's Linear weights, as the graph's MatMuls read them ([K, N]).
+    linears = [module.weight.detach().T.numpy() for module in model_for().modules()
+               if isinstance(module, torch.nn.Linear)]
     for name in ("step.onnx", "step_decode.onnx"):
-        model = onnx.load(str(directory / name))
-        assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 21
-        assert not [n for n in model.graph.node if n.domain == "com.microsoft"]
-        initializers = {t.name: t for t in model.graph.initializer}
-        dequantize = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
-        weighted = [n for n in model.graph.node if n.op_type == "MatMul"
+        graph = onnx.load(str(directory / name))
+        assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 21
+        assert not [n for n in graph.graph.node if n.domain == "com.microsoft"]
+        initializers = {t.name: t for t in graph.graph.initializer}
+        dequantize = {n.output[0]: n for n in graph.graph.node if n.op_type == "DequantizeLinear"}
+        weighted = [n for n in graph.graph.node if n.op_type == "MatMul"
                     and (n.input[1] in initializers or n.input[1] in dequantize)]
-        assert len(weighted) == 2 * 5 + 1 and count_quantized(directory / name) == 2 * 5 + 1
+        assert len(weighted) == len(linears) == 2 * 5 + 1
+        assert count_quantized(directory / name) == 2 * 5 + 1
+        matched = set()
         for node in weighted:
             dq = dequantize[node.input[1]]  # never a float initializer
             attributes = {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}
@@ -138,12 +140,14 @@ def test_standard_op_graphs_carry_weights_as_blockwise_dequantize_linear(
             scale = onnx.numpy_helper.to_array(initializers[dq.input[1]])
             assert scale.shape == (-(-values.shape[0] // 32), values.shape[1])
             step = np.repeat(scale, 32, axis=0)[:values.shape[0]]  # int4's are negative
-            if name == "step_decode.onnx" and dq.input[0].rsplit("_DQ_Q", 1)[0] in fp32:
-                original = fp32[dq.input[0].rsplit("_DQ_Q", 1)[0]]
-                # Round to nearest: half a step; int4's grid is -8..7 with the block's largest
-                # magnitude at -8, so the other sign's extreme clips at 7: one step.
-                bound = np.abs(step) * (0.5 if bits == 8 else 1.0) + 1e-6
-                assert np.all(np.abs(values * step - original) <= bound)
+            # Round to nearest: half a step; int4's grid is -8..7 with the block's largest
+            # magnitude at -8, so the other sign's extreme clips at 7: one step.
+            bound = np.abs(step) * (0.5 if bits == 8 else 1.0) + 1e-6
+            close = [i for i, weight in enumerate(linears) if weight.shape == values.shape
+                     and np.all(np.abs(values * step - weight) <= bound)]
+            assert len(close) == 1  # the one weight it stands for
+            matched.add(close[0])
+        assert len(matched) == len(linears)
     assert sorted(path.name for path in directory.glob("*.data")) == ["step.onnx.data"]
 
 
