@@ -168,3 +168,44 @@ def test_onnx_runtime_runs_the_standard_form_as_its_own_matmul_nbits(
     if weight_format == "int4":
         ort_form, _ = _decode_logits(quantized("int4"), model)
         assert (got - ort_form).abs().max().item() < 1e-3 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("weight_format", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_dequantize_linear_form_of_one_matmul(weight_format: str, dtype) -> None:
+    """One MatMul, K = 40 (a partial last block): the scales keep the graph's dtype (fp16
+    graphs are TensorRT's usual input), and ONNX Runtime, running the fp32 graph as written,
+    computes x @ (int weight * scale) as computed here."""
+    from linear_export.export.quantize import _dequantize_linear
+
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(40, 24)).astype(dtype)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")], "one",
+        [onnx.helper.make_tensor_value_info("x", onnx.helper.np_dtype_to_tensor_dtype(
+            np.dtype(dtype)), [3, 40])],
+        [onnx.helper.make_tensor_value_info("y", onnx.helper.np_dtype_to_tensor_dtype(
+            np.dtype(dtype)), [3, 24])],
+        [onnx.numpy_helper.from_array(weight, "w")])
+    model = _dequantize_linear(onnx.helper.make_model(
+        graph, opset_imports=[onnx.helper.make_opsetid("", 18)], ir_version=10),
+        weight_format)
+    onnx.checker.check_model(model, full_check=True)
+    (dq,) = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    tensors = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert "w" not in tensors
+    values, scale = tensors[dq.input[0]].astype(np.float32), tensors[dq.input[1]]
+    assert scale.dtype == dtype and scale.shape == (2, 24)
+    dequantized = values * np.repeat(scale.astype(np.float32), 32, axis=0)[:40]
+    step = np.abs(scale.astype(np.float32)).max()
+    assert 0 < np.abs(dequantized - weight.astype(np.float32)).max() <= step
+    if dtype == np.float32:
+        import onnxruntime
+
+        x = rng.normal(size=(3, 40)).astype(np.float32)
+        options = onnxruntime.SessionOptions()  # the graph as written, not fused to int8 compute
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = onnxruntime.InferenceSession(model.SerializeToString(), options,
+                                               providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(session.run(None, {"x": x})[0], x @ dequantized,
+                                   rtol=1e-4, atol=1e-4)
