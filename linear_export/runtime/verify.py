@@ -36,10 +36,12 @@ TOLERANCES: dict[str, dict[str, tuple[float, float]]] = {
              "attn_mass": (2e-2, 0.1), "present_query": (0.15, 0.1), LINE_MASS: (1e-4, 1e-4)},
     "int4": {"logits": (1.5, 0.3), "present_key": (1.5, 0.3), "present_value": (1.5, 0.3),
              "attn_mass": (0.15, 0.3), "present_query": (1.5, 0.3), LINE_MASS: (1e-4, 1e-4)},
-    # w8a8 (int8 weights per channel, activations per tensor at run time): measured the same
-    # way, 0.104 on logits, 0.088 on K/V, 0.011 on attn_mass, 37 of 256 picks differing.
-    "w8a8": {"logits": (0.25, 0.1), "present_key": (0.2, 0.1), "present_value": (0.2, 0.1),
-             "attn_mass": (3e-2, 0.1), "present_query": (0.2, 0.1), LINE_MASS: (1e-4, 1e-4)},
+    # w8a8 (7-bit weights per channel, activations per tensor at run time): measured the
+    # same way, 0.154 on logits, 0.146 on K/V, 0.011 on attn_mass, 35 of 256 picks differing
+    # (`verify DIR --batch 1 --policy linear`, an AVX2-only CPU; 8-bit weights had 0.104,
+    # 0.088, 0.011).
+    "w8a8": {"logits": (0.4, 0.1), "present_key": (0.35, 0.1), "present_value": (0.35, 0.1),
+             "attn_mass": (3e-2, 0.1), "present_query": (0.35, 0.1), LINE_MASS: (1e-4, 1e-4)},
     "fp16": {"logits": (5e-2, 2e-2), "present_key": (2e-2, 1e-2),
              "present_value": (2e-2, 1e-2), "attn_mass": (5e-3, 2e-2),
              "present_query": (2e-2, 1e-2), LINE_MASS: (5e-2, 2e-2)},
