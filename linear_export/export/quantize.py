@@ -47,6 +47,7 @@ def quantize_graphs(directory: Path, main: str, graphs: list[str], others: list[
     `others` (graphs that share main's data file but hold no MatMul weights) are re-pointed
     at the new data file. `standard_ops`: the DequantizeLinear form (TensorRT's)."""
     directory = Path(directory)
+    standard_ops = standard_ops and weights != "w8a8"  # MatMulInteger is standard ONNX already
     protos = {name: onnx.load(str(directory / name)) for name in [main, *graphs, *others]}
     for name in [main, *graphs]:
         form = "DequantizeLinear" if standard_ops else "ONNX Runtime's quantized MatMuls"
