@@ -209,3 +209,29 @@ def test_dequantize_linear_form_of_one_matmul(weight_format: str, dtype) -> None
                                                providers=["CPUExecutionProvider"])
         np.testing.assert_allclose(session.run(None, {"x": x})[0], x @ dequantized,
                                    rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("weight_format", "expected"),
+                         [("w8a8", "MatMulInteger"), ("int8", "DequantizeLinear")])
+def test_standard_op_graphs_keep_w8a8_as_dynamic_quantization(
+        tmp_path, weight_format: str, expected: str) -> None:
+    """--attention math --weights w8a8: MatMulInteger is standard ONNX already, so w8a8 keeps
+    ONNX Runtime's dynamic quantization there; only int8/int4 take the DequantizeLinear form
+    (sending w8a8 down that path would write int8 weight-only weights under a w8a8 label)."""
+    from linear_export.export.quantize import quantize_graphs
+
+    weight = np.random.default_rng(0).normal(size=(64, 24)).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")], "one",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3, 64])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3, 24])],
+        [onnx.numpy_helper.from_array(weight, "w")])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)],
+                                   ir_version=10)
+    onnx.save_model(model, str(tmp_path / "m.onnx"), save_as_external_data=True,
+                    location="m.onnx.data", size_threshold=0)
+    quantize_graphs(tmp_path, "m.onnx", [], [], weight_format, standard_ops=True)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node]
+    assert expected in ops
+    assert ("DequantizeLinear" in ops) == (weight_format == "int8")
+    assert count_quantized(tmp_path / "m.onnx") == 1
