@@ -51,3 +51,22 @@ def test_first_image_token_is_unrotated_and_fp16_cast_back() -> None:
     rotated = apply_rope(x, table[None])
     assert rotated.dtype == torch.float16
     assert torch.equal(rotated[0, 1], x[0, 1])  # row 0, column 0: angle 0
+
+
+def test_rotation_is_bit_for_bit_the_originals_formula() -> None:
+    """rotate_pairs computes x * (c, c) + (x1, x0) * (-s, s) (fewer graph ops); it must equal
+    LlamaGen's (x0 c - x1 s, x1 c + x0 s) to the bit, as the greedy parity with the original
+    code rests on it. Reference: float32 numpy, one IEEE op at a time."""
+    from linear_export.models.rope import rotate_pairs
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 1, 5, 16, generator=generator) * 7
+    cos_sin = torch.randn(2, 1, 8, 2, generator=generator)  # broadcast: [3, 4, 2, 5, 16]
+    got = rotate_pairs(x, cos_sin).numpy()
+    xs, table = x.numpy(), cos_sin.numpy()
+    x0, x1, c, s = xs[..., 0::2], xs[..., 1::2], table[..., 0], table[..., 1]
+    want = np.empty(got.shape, np.float32)
+    want[..., 0::2] = x0 * c - x1 * s
+    want[..., 1::2] = x1 * c + x0 * s
+    assert want.dtype == np.float32 and got.shape == (3, 4, 2, 5, 16)
+    assert np.array_equal(got, want)

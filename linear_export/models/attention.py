@@ -155,12 +155,15 @@ def line_mass(queries: torch.Tensor, past_key: torch.Tensor, cache_len: torch.Te
     own = cache_len - count + torch.arange(count, device=queries.device)  # [Q]
     # Row i of q is query i % Q; it sees slots <= its own.
     own = own.repeat(group * rotations)[:, None]  # [G*R*Q, 1]
-    seen = slot[None, :] <= own  # [G*R*Q, C]
-    if slot_positions is not None:
-        seen = seen & (slot_positions[:, :, None, :] >= 0)  # [B, Hkv, G*R*Q, C]
+    # Masks as additive biases on the small [G*R*Q, C] (and [B, Hkv, 1, C]) shapes, not a
+    # select on the scores' full size: the same bits (s + 0 = s, s - inf = -inf), fewer bytes.
+    unseen = torch.zeros((), dtype=torch.float32, device=queries.device)
     scores = (q @ past_key.transpose(-1, -2)).float()
-    probs = torch.softmax(scores.masked_fill(~seen, -math.inf), dim=-1)
-    return (probs * (seen & (slot != own))).sum(dim=2)
+    scores = scores + unseen.masked_fill(slot[None, :] > own, -math.inf)  # causal
+    if slot_positions is not None:
+        scores = scores + unseen.masked_fill(slot_positions[:, :, None, :] < 0, -math.inf)
+    probs = torch.softmax(scores, dim=-1)
+    return (probs * (slot != own)).sum(dim=2)  # an unseen slot's probability is 0 already
 
 
 def _attention_probs(q: torch.Tensor, k: torch.Tensor, past_key: torch.Tensor,
