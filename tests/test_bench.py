@@ -62,6 +62,24 @@ def test_ratios_are_value_over_reference(quick: dict) -> None:
             assert ratio == pytest.approx(result[name] / full[name], rel=1e-12)
 
 
+def test_linear_reports_its_line_end_score_call_and_its_share_of_a_line(quick: dict) -> None:
+    """LineAR's score call (once per line) is timed in the generation; its share is of the
+    line's decode steps (width x the run's median step); policies that never score have none."""
+    from linear_export.models import get_config
+
+    width = quick["config"]["image_size"] // get_config(quick["config"]["model"]).downsample
+    scored = [r for r in quick["results"] if r["policy"].startswith("linear")]
+    assert scored
+    for result in quick["results"]:
+        if result not in scored:
+            assert result["score_ms"] is None and result["score_share"] is None
+            continue
+        assert result["score_ms"] > 0
+        for run in result["runs"]:
+            assert run["score_share"] == pytest.approx(
+                run["score_ms"] / (width * run["step_ms"]), rel=1e-9)
+
+
 def test_kv_bytes_are_exactly_capacity_proportional(quick: dict) -> None:
     from linear_export.models import get_config
 

@@ -244,13 +244,19 @@ def result_rows(results: list[Result]) -> list[list[str]]:
     header = ["engine", "policy", "batch", "KV slots", "KV MiB", "step ms", "images/s",
               "peak RSS MiB", "vs full", "vs baseline", "KV vs full"]
     cuda = any(r.peak_cuda_bytes is not None for r in results)
-    rows = [header + (["peak CUDA MiB"] if cuda else [])]
+    scored = any(r.score_ms is not None for r in results)
+    rows = [header + (["peak CUDA MiB"] if cuda else [])
+            + (["score ms", "score/line"] if scored else [])]
     for r in results:
         kv_share = f"{r.vs_full['kv_bytes']:.3f}" if r.vs_full else "-"
         row = [r.engine, r.policy, str(r.batch), str(r.kv_capacity), f"{r.kv_bytes / MiB:.1f}",
                f"{r.step_ms:.1f}", f"{r.images_per_s:.4g}", f"{r.peak_rss_bytes / MiB:.0f}",
                _ratio(r, "vs_full"), _ratio(r, "vs_baseline"), kv_share]
-        rows.append(row + ([f"{(r.peak_cuda_bytes or 0) / MiB:.0f}"] if cuda else []))
+        row += [f"{(r.peak_cuda_bytes or 0) / MiB:.0f}"] if cuda else []
+        if scored:  # LineAR's line-end score call, and its share of a line's decode steps
+            row += (["-", "-"] if r.score_ms is None
+                    else [f"{r.score_ms:.1f}", f"{100 * r.score_share:.1f}%"])
+        rows.append(row)
     return rows
 
 

@@ -113,6 +113,8 @@ class Measurement:
     kv_bytes: int
     peak_rss_bytes: int
     peak_cuda_bytes: int | None
+    score_ms: float | None = None  # median line-end score call (LineAR); None: no call
+    score_share: float | None = None  # score_ms / a line's decode steps (width x step_ms)
 
     @property
     def images_per_s(self) -> float:
@@ -140,6 +142,8 @@ class Result:
     peak_rss_bytes: int
     peak_cuda_bytes: int | None
     runs: list[Measurement]
+    score_ms: float | None = None
+    score_share: float | None = None
     vs_full: dict[str, float] | None = None  # value / value of `full` on the same engine
     vs_baseline: dict[str, float] | None = None  # value / value of the baseline loop
 
@@ -158,7 +162,8 @@ class Result:
         return cls(job.engine, job.policy, job.batch, median("images_per_s", timed),
                    median("step_ms", timed),
                    runs[0].kv_capacity, runs[0].kv_bytes, int(median("peak_rss_bytes")),
-                   median("peak_cuda_bytes"), runs)
+                   median("peak_cuda_bytes"), runs, median("score_ms", timed),
+                   median("score_share", timed))
 
     def ratios(self, reference: Result) -> dict[str, float]:
         return {name: getattr(self, name) / getattr(reference, name) for name in self.RATIO_FIELDS}

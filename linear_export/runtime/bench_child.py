@@ -67,11 +67,20 @@ def stop_after(step: Callable, limit: int | None, starts: list[float]) -> Callab
 
 
 class TimedEngine:
-    """An engine whose step() is wrapped by `stop_after`; everything else is delegated."""
+    """An engine whose step() is wrapped by `stop_after` and whose line-end score calls are
+    timed (`sync` first waits for a GPU's queued work); everything else is delegated."""
 
-    def __init__(self, engine, limit: int | None = None):
-        self.engine, self.starts = engine, []
+    def __init__(self, engine, limit: int | None = None, sync: Callable[[], None] = lambda: None):
+        self.engine, self.starts, self.score_seconds, self.sync = engine, [], [], sync
         self.step = stop_after(engine.step, limit, self.starts)
+
+    def score_line(self, *args, **kwargs):
+        self.sync()
+        start = time.perf_counter()
+        mass = self.engine.score_line(*args, **kwargs)
+        self.sync()
+        self.score_seconds.append(time.perf_counter() - start)
+        return mass
 
     def __getattr__(self, name: str):
         return getattr(self.engine, name)
@@ -138,11 +147,13 @@ def run_engine(engine, policy, classes: list[int], sampling: SamplingConfig,
     except WarmupDone:
         pass
     gc.collect()
-    timed = TimedEngine(engine)
+    sync = torch.cuda.synchronize if config.device.startswith("cuda") else lambda: None
+    timed = TimedEngine(engine, sync=sync)
     stats = generate(timed, classes, policy, sampling, seed=config.seed).stats
     # Decode step i lasts from its start to the next one's: engine, append, sampling, eviction.
     steps = [b - a for a, b in zip(timed.starts[1:], timed.starts[2:], strict=False)]
-    return stats.seconds_generate, steps, stats.kv_capacity, stats.kv_bytes
+    score = statistics.median(timed.score_seconds) if timed.score_seconds else None
+    return stats.seconds_generate, steps, stats.kv_capacity, stats.kv_bytes, score
 
 
 def run_job(job: Job) -> Measurement:
@@ -157,17 +168,22 @@ def run_job(job: Job) -> Measurement:
         classes = [CLASSES[i % len(CLASSES)] % num_classes for i in range(job.batch)]
     else:  # seeded token prompts or caption features of two lengths
         classes = engine.family.example_conditions(job.batch, config.seed)
+    score, line_steps = None, 0
     if job.engine == BASELINE:
         seconds, steps, capacity, nbytes = run_baseline(engine, classes, sampling, config)
     elif job.engine == ORIGINAL:
         seconds, steps, capacity, nbytes = run_original(engine, classes, sampling, config)
     else:
-        policy = parse_policy(job.policy, engine.family.token_layout(engine.layout),
-                              model_config=engine.config)
-        seconds, steps, capacity, nbytes = run_engine(engine, policy, classes, sampling, config)
+        layout = engine.family.token_layout(engine.layout)
+        policy = parse_policy(job.policy, layout, model_config=engine.config)
+        seconds, steps, capacity, nbytes, score = run_engine(engine, policy, classes, sampling,
+                                                             config)
+        line_steps = layout.width
     cuda = torch.cuda.max_memory_allocated() if config.device.startswith("cuda") else None
-    return Measurement(seconds, job.batch, 1e3 * statistics.median(steps or [seconds]),
-                       capacity, nbytes, peak_rss_bytes(), cuda)
+    step_ms = 1e3 * statistics.median(steps or [seconds])
+    return Measurement(seconds, job.batch, step_ms, capacity, nbytes, peak_rss_bytes(), cuda,
+                       None if score is None else 1e3 * score,
+                       None if score is None else 1e3 * score / (line_steps * step_ms))
 
 
 def job_from_json(text: str) -> Job:
