@@ -5,28 +5,39 @@ fp32 model's."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import onnx
 import pytest
 import torch
-from artifact_fixtures import _ROOT, model_for
+from artifact_fixtures import _ROOT, built, model_for
 from test_onnx_export import step_inputs
 
 from linear_export.engines.ort import OrtEngine
 from linear_export.errors import UserError
-from linear_export.export.artifact import build_artifact, load_artifact
-from linear_export.export.quantize import count_quantized
+from linear_export.export.artifact import SCORE, STEP_DECODE, build_artifact, load_artifact, rehash
+from linear_export.export.consistency import MANIFEST, STEP, manifest_text
+from linear_export.export.quantize import count_quantized, quantize_graphs
 
 
 def quantized(weight_format: str, attention: str = "gqa"):
+    """The tiny fp32 artifact (exported once per attention kernel), its graphs quantized as
+    build_artifact's last step does (quantize_graphs), and the manifest's weights updated:
+    an export per weight format would cost this module minutes, the quantizing a second."""
     out = _ROOT / f"GPT-tiny-{weight_format}-{attention}"
     if not out.exists():
-        model = model_for()
-        build_artifact(model, out, model_name="GPT-tiny", image_size=24,
-                       weights={"source": "random", "seed": 0, "std": 0.2},
-                       capacity=model.layout.length, build_options={"policy": "full"},
-                       max_batch=8, split_cache=True, attention=attention,
-                       weight_format=weight_format)
+        scratch = _ROOT / f".{out.name}"
+        shutil.copytree(built(split_cache=True, attention=attention), scratch,
+                        ignore=shutil.ignore_patterns(".ort"))  # its optimized fp32 graphs
+        quantize_graphs(scratch, STEP, [STEP_DECODE], [SCORE], weight_format,
+                        standard_ops=attention == "math")
+        manifest = json.loads((scratch / MANIFEST).read_text())
+        manifest["build"]["weights"] = weight_format
+        (scratch / MANIFEST).write_text(manifest_text(manifest))
+        rehash(scratch)
+        scratch.rename(out)
     return out
 
 
