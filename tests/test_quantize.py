@@ -229,8 +229,6 @@ def test_standard_op_graphs_keep_w8a8_as_dynamic_quantization(
     """--attention math --weights w8a8: MatMulInteger is standard ONNX already, so w8a8 keeps
     ONNX Runtime's dynamic quantization there; only int8/int4 take the DequantizeLinear form
     (sending w8a8 down that path would write int8 weight-only weights under a w8a8 label)."""
-    from linear_export.export.quantize import quantize_graphs
-
     weight = np.random.default_rng(0).normal(size=(64, 24)).astype(np.float32)
     graph = onnx.helper.make_graph(
         [onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")], "one",

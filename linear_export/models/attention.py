@@ -157,11 +157,11 @@ def line_mass(queries: torch.Tensor, past_key: torch.Tensor, cache_len: torch.Te
     own = own.repeat(group * rotations)[:, None]  # [G*R*Q, 1]
     # Masks as additive biases on the small [G*R*Q, C] (and [B, Hkv, 1, C]) shapes, not a
     # select on the scores' full size: the same bits (s + 0 = s, s - inf = -inf), fewer bytes.
-    unseen = torch.zeros((), dtype=torch.float32, device=queries.device)
+    zero = torch.zeros((), dtype=torch.float32, device=queries.device)
     scores = (q @ past_key.transpose(-1, -2)).float()
-    scores = scores + unseen.masked_fill(slot[None, :] > own, -math.inf)  # causal
+    scores = scores + zero.masked_fill(slot[None, :] > own, -math.inf)  # causal
     if slot_positions is not None:
-        scores = scores + unseen.masked_fill(slot_positions[:, :, None, :] < 0, -math.inf)
+        scores = scores + zero.masked_fill(slot_positions[:, :, None, :] < 0, -math.inf)
     probs = torch.softmax(scores, dim=-1)
     return (probs * (slot != own)).sum(dim=2)  # an unseen slot's probability is 0 already
 
