@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import onnx
 import pytest
 import torch
@@ -68,12 +70,19 @@ def test_checker_passes_and_the_decode_and_score_graphs_share_the_weights() -> N
     assert [dims(value) for value in graph.output] == [[2, dims(graph.input[0])[1], 4, 37]]
 
 
-def test_the_fused_decode_step_is_one_group_query_attention_per_layer() -> None:
+def test_the_fused_decode_step_runs_onnx_runtimes_fused_ops_per_layer() -> None:
     directory = built(**PER_LAYER)
     graph = onnx.load(str(directory / "step_decode.onnx"), load_external_data=False).graph
     fused = [node for node in graph.node if node.op_type == "GroupQueryAttention"]
     assert len(fused) == 2 and {node.domain for node in fused} == {"com.microsoft"}
-    assert not {"Softmax"} & {node.op_type for node in graph.node}  # no unfused attention
+    ops = Counter(node.op_type for node in graph.node)
+    assert not {"Softmax"} & set(ops)  # no unfused attention
+    # RoPE on q and k, and each residual add with the norm after it, one op each per layer;
+    # only the first layer's attention_norm (no add before it) stays standard ops.
+    assert ops["RotaryEmbedding"] == 4 and ops["SkipSimplifiedLayerNormalization"] == 4
+    assert ops["ReduceMean"] == 1
+    standard = onnx.load(str(built(**TINY) / "step_decode.onnx"), load_external_data=False)
+    assert {node.domain for node in standard.graph.node} == {""}  # math: TensorRT's ops only
     assert [value.name for value in graph.output] == [
         *DECODE_OUTPUTS, "key_cache.0", "key_cache.1", "value_cache.0", "value_cache.1"]
     assert [node.input[3] for node in fused] == ["past_key.0", "past_key.1"]  # read in place

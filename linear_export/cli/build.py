@@ -12,8 +12,8 @@ from ..export.artifact import ARTIFACT_DTYPES
 from ..export.onnx_step import DEFAULT_OPSET
 from ..export.quantize import WEIGHT_FORMATS
 from ..models import GPT_CONFIGS
-from ..models.attention import ATTENTION_KERNELS
 from ..models.families import FAMILIES
+from ..models.kernels import KERNELS
 from ..runtime.budget import BUDGET_HELP
 from ..runtime.policies import POLICIES
 
@@ -46,10 +46,11 @@ def directory_bytes(path: Path) -> int:
 @click.option("--budget", default="1/4", show_default=True, help=f"Cache budget: {BUDGET_HELP}.")
 @click.option("--max-batch", type=int, default=64, show_default=True,
               help="Most rows per step (CFG doubles the rows).")
-@click.option("--attention", type=click.Choice(ATTENTION_KERNELS), default=None,
-              help="The decode step's attention: gqa, ONNX Runtime's fused GroupQueryAttention "
-                   "(reads the bound cache and writes the step's keys into it in place; needs "
-                   "per-layer cache inputs), or math, standard ONNX ops "
+@click.option("--attention", type=click.Choice(KERNELS), default=None,
+              help="The decode step's kernels: gqa, ONNX Runtime's fused ops "
+                   "(GroupQueryAttention, which reads the bound cache and writes the step's "
+                   "keys into it in place, needs per-layer cache inputs; RotaryEmbedding; "
+                   "SkipSimplifiedLayerNormalization), or math, standard ONNX ops "
                    "(what TensorRT parses). [default: gqa, math with --tensorrt]")
 @click.option("--weights", "weight_format", type=click.Choice(WEIGHT_FORMATS), default="fp32",
               show_default=True,

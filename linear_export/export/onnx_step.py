@@ -11,12 +11,13 @@ from pathlib import Path
 import onnx
 import torch
 
-from ..models.attention import MAX_LOOKAHEAD, exporting_attention
+from ..models.attention import MAX_LOOKAHEAD
 from ..models.gpt import (
     GPT,
     DecodeModule,
     StepModule,
 )
+from ..models.kernels import exporting_kernels
 from .split_cache import CACHE_INPUTS, layer_input, split_cache_inputs
 
 INPUT_NAMES = ("input_ids", "position_ids", "past_key", "past_value", "cache_len",
@@ -132,7 +133,7 @@ def export_step(
     in_place = model.config.n_layer if not with_scores and attention == "gqa" else 0
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), warnings.catch_warnings(), exporting_attention(attention):
+    with torch.no_grad(), warnings.catch_warnings(), exporting_kernels(attention):
         # The exporter warns about every renamed axis and deprecated pytree internals: noise.
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", FutureWarning)

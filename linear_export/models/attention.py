@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
 
 import torch
+
+from .kernels import emits_ort_kernels
 
 # Scoring rotations (LineAR's lookahead lines) a step graph may take: TensorRT profiles and
 # the exporter need a bound on score_position_ids' second dimension.
@@ -57,25 +56,6 @@ def cached_attention(
     return out, mass
 
 
-# How the decode step's attention is exported: "math" (standard ONNX ops; TensorRT) or "gqa",
-# ONNX Runtime's fused com.microsoft.GroupQueryAttention, which reads the bound cache directly
-# and writes the step's keys and values into it in place.
-ATTENTION_KERNELS = ("gqa", "math")
-_EXPORT_KERNEL: ContextVar[str] = ContextVar("attention_kernel", default="math")
-
-
-@contextmanager
-def exporting_attention(kernel: str) -> Iterator[None]:
-    """Within, decode_attention() traced by torch.onnx.export emits `kernel`."""
-    if kernel not in ATTENTION_KERNELS:
-        raise ValueError(f"unknown attention kernel {kernel!r}; one of {ATTENTION_KERNELS}")
-    token = _EXPORT_KERNEL.set(kernel)
-    try:
-        yield
-    finally:
-        _EXPORT_KERNEL.reset(token)
-
-
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_key: torch.Tensor,
                      past_value: torch.Tensor, cache_len: torch.Tensor, scale: float,
                      slot_positions: torch.Tensor | None = None,
@@ -90,7 +70,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_key
     binds to the cache's own buffers, which is what lets the kernel skip the copy. The fused
     kernel takes T > 1 only on an empty cache (prefill); decode steps are T = 1.
     """
-    if torch.onnx.is_in_onnx_export() and _EXPORT_KERNEL.get() == "gqa":
+    if emits_ort_kernels():
         return _group_query_attention(q, k, v, past_key, past_value, cache_len, scale,
                                       slot_positions)
     live = live_slots(past_key.shape[-2], cache_len, slot_positions)

@@ -13,6 +13,7 @@ from torch import nn
 
 from .attention import cached_attention, decode_attention, line_mass, live_slots, per_slot
 from .configs import GPTConfig, SequenceLayout
+from .kernels import emits_ort_kernels
 from .rope import apply_rope, rope_table_2d, rotate_pairs
 
 
@@ -26,6 +27,19 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight
+
+    def add(self, h: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream h + delta and its norm; one SkipSimplifiedLayerNormalization
+        where the export emits ONNX Runtime's kernels."""
+        if not emits_ort_kernels():
+            total = h + delta
+            return total, self(total)
+        normed, _, _, total = torch.onnx.ops.symbolic_multi_out(
+            "com.microsoft::SkipSimplifiedLayerNormalization", [h, delta, self.weight],
+            {"epsilon": float(self.eps)},
+            dtypes=(h.dtype, torch.float32, torch.float32, h.dtype),  # out, mean, 1/rms, sum
+            shapes=(h.shape, (*h.shape[:-1], 1), (*h.shape[:-1], 1), h.shape), version=1)
+        return total, normed
 
 
 class FeedForward(nn.Module):
@@ -201,18 +215,22 @@ class GPT(nn.Module):
                                                               position_ids.shape[-1])]
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.to(cos_sin.device)
         keys, values, masses = [], [], []
-        for index, layer in enumerate(self.layers):
+        normed = self.layers[0].attention_norm(h)
+        for index, (layer, next_norm) in enumerate(zip(self.layers, self.next_norms(),
+                                                       strict=True)):
             attn_out, k, v, mass = layer.attention.step(
-                layer.attention_norm(h), cos_sin, past_key[index], past_value[index], live[index],
-                score_cos_sin,
-            )
-            h = h + attn_out
-            h = h + layer.feed_forward(layer.ffn_norm(h))
+                normed, cos_sin, past_key[index], past_value[index], live[index], score_cos_sin)
+            h, normed = layer.ffn_norm.add(h, attn_out)
+            h, normed = next_norm.add(h, layer.feed_forward(normed))
             keys.append(k)
             values.append(v)
             masses.append(mass)
-        logits = self.head(h)
-        return logits, torch.stack(keys), torch.stack(values), torch.stack(masses)
+        return self.logits(normed), torch.stack(keys), torch.stack(values), torch.stack(masses)
+
+    def next_norms(self) -> list[RMSNorm]:
+        """The norm after each layer's residual add (RMSNorm.add fuses them): the next layer's
+        attention_norm, after the last layer the output norm."""
+        return [layer.attention_norm for layer in self.layers[1:]] + [self.norm]
 
     def decode(
         self,
@@ -234,24 +252,26 @@ class GPT(nn.Module):
         cos_sin = self.rope[position_ids]
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.to(cos_sin.device)
         keys, values, queries, in_place = [], [], [], []
-        for index, layer in enumerate(self.layers):
+        normed = self.layers[0].attention_norm(h)
+        for index, (layer, next_norm) in enumerate(zip(self.layers, self.next_norms(),
+                                                       strict=True)):
             attn_out, k, v, q, updated = layer.attention.decode(
-                layer.attention_norm(h), cos_sin, past_key[index], past_value[index],
-                cache_len, None if slot_positions is None else slot_positions[index])
-            h = h + attn_out
-            h = h + layer.feed_forward(layer.ffn_norm(h))
+                normed, cos_sin, past_key[index], past_value[index], cache_len,
+                None if slot_positions is None else slot_positions[index])
+            h, normed = layer.ffn_norm.add(h, attn_out)
+            h, normed = next_norm.add(h, layer.feed_forward(normed))
             keys.append(k)
             values.append(v)
             queries.append(q)
             in_place += [] if updated is None else [updated]
-        logits = self.head(h)
+        logits = self.logits(normed)
         return logits, torch.stack(keys), torch.stack(values), torch.stack(queries), in_place
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits [B, V] float32 at the last position of h [B, T, dim]."""
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] float32 at the last position of the output-normed [B, T, dim]."""
         # [:, -1:]: a 3-D input keeps the head a MatMul in ONNX (a 2-D Linear exports as
         # Gemm, which weight-only quantization cannot take).
-        return self.output(self.norm(h[:, -1:]))[:, 0].float()
+        return self.output(normed[:, -1:])[:, 0].float()
 
     def rotate_queries(self, queries: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
         """Post-RoPE queries [..., Q, D] moved `shifts` [R] positions on: [..., R, Q, D].

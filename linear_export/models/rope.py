@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .configs import SequenceLayout
+from .kernels import emits_ort_kernels
 
 
 def rope_table_2d(layout: SequenceLayout, head_dim: int, base: float) -> torch.Tensor:
@@ -25,11 +26,27 @@ def rope_table_2d(layout: SequenceLayout, head_dim: int, base: float) -> torch.T
 
 
 def apply_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [..., T, H, D] by cos_sin [..., T, D/2, 2].
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, T, H, D] by cos_sin [B, T, D/2, 2].
 
-    Computed in float32 and cast back, as the original does.
+    Computed in float32 and cast back, as the original does; one RotaryEmbedding op where the
+    export emits ONNX Runtime's kernels.
     """
+    if emits_ort_kernels():
+        return _rotary_embedding(x, cos_sin)
     return rotate_pairs(x, cos_sin.unsqueeze(-3))  # broadcast over heads
+
+
+def _rotary_embedding(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """ONNX Runtime's RotaryEmbedding (interleaved pairs) with the step's own table rows as
+    its cos/sin cache: token (b, t) reads row b * T + t, so no position needs re-gathering."""
+    batch, steps, heads, head_dim = x.shape
+    rows = cos_sin.reshape(batch * steps, head_dim // 2, 2)
+    row_ids = torch.arange(batch * steps, device=x.device).view(batch, steps)
+    flat = x.float().reshape(batch, steps, heads * head_dim)  # the op's [B, T, H*D] form
+    rotated = torch.onnx.ops.symbolic(
+        "com.microsoft::RotaryEmbedding", [flat, row_ids, rows[..., 0], rows[..., 1]],
+        {"interleaved": 1}, dtype=flat.dtype, shape=flat.shape, version=1)
+    return rotated.view(batch, steps, heads, head_dim).type_as(x)
 
 
 def rotate_pairs(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
