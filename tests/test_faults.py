@@ -226,10 +226,12 @@ def test_two_generates_building_the_same_cached_artifact_both_succeed_with_one_a
 # -- NaN/Inf in the logits -----------------------------------------------------------------------
 
 class NanAfter:
-    """The torch engine, with every logit NaN from step `start` on (as an fp16 overflow)."""
+    """The torch engine, with every logit NaN from step `start` on (as an fp16 overflow);
+    with `one`, only the last row's last logit takes `value`."""
 
-    def __init__(self, engine, start: int):
+    def __init__(self, engine, start: int, value: float = float("nan"), one: bool = False):
         self.engine, self.start, self.calls = engine, start, 0
+        self.value, self.one = value, one
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
@@ -238,7 +240,12 @@ class NanAfter:
         out = self.engine.step(*args, **kwargs)
         self.calls += 1
         if self.calls > self.start:
-            out = dataclasses.replace(out, logits=torch.full_like(out.logits, float("nan")))
+            logits = out.logits.clone()
+            if self.one:
+                logits[-1, -1] = self.value
+            else:
+                logits.fill_(self.value)
+            out = dataclasses.replace(out, logits=logits)
         return out
 
 
@@ -261,6 +268,14 @@ def test_nan_logits_mid_image_are_caught_within_the_line_they_appear_in():
     # On the CPU every step is checked; on accelerators the first step of each line (the
     # NaN is in the cache by then), so the error comes within the line it appeared in.
     assert "NaN/Inf logits at image token 7 " in str(error.value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_a_single_non_finite_logit_among_finite_ones_is_caught(value):
+    engine = NanAfter(TorchEngine(tiny_model()), start=3, value=value, one=True)
+    policy = Policy(PolicyConfig("full"), engine.layout)
+    with pytest.raises(UserError, match="NaN/Inf logits at image token 3 "):
+        generate(engine, [1, 2], policy, SamplingConfig())
 
 
 @pytest.mark.usefixtures("one_torch_thread")
