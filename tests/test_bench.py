@@ -162,8 +162,12 @@ def test_configurations_alternate_within_each_repeat() -> None:
     config = BenchConfig(model="GPT-tiny", image_size=16, policies=("full", "linear:1/2"),
                          repeats=3, batch_sizes=(2,))
     runner, jobs = fake(lambda b: 100)
-    measure(config, runner=runner, progress=False)
+    lines: list[str] = []
+    measure(config, runner=runner, progress=False, log=lines.append)
     keys = [job.key for job in jobs]
+    # One line per finished run, in order, for logs that show no progress bar.
+    assert len(lines) == 9 and lines[0].startswith("run 1/9: ") and "run 9/9: " in lines[-1]
+    assert all("1.0 s, 2 images/s, 10.0 ms/step" in line for line in lines)
     per_repeat = len(keys) // 3
     assert per_repeat == 3  # baseline, torch full, torch linear
     for repeat in range(3):  # every repeat runs every configuration once

@@ -114,7 +114,7 @@ def bench(options: BenchOptions | None = None, *, progress: bool = False,
     with prepare_artifacts(config, log=log) as paths:
         config = replace(config, artifacts=paths)
         try:
-            results = measure(config, progress=progress)
+            results = measure(config, progress=progress, log=log)
             limits = search_max_batches(config, results, log)
         except RuntimeError as error:
             raise UserError(f"A benchmark run failed: {error}") from None

@@ -243,17 +243,29 @@ def run_child(job: Job) -> Measurement:
 
 
 def measure(config: BenchConfig, runner: Callable[[Job], Measurement] = run_child,
-            progress: bool = True) -> list[Result]:
-    """Every configuration `repeats` times, alternating: repeat r runs them all, rotated by r."""
+            progress: bool = True,
+            log: Callable[[str], None] = lambda line: None) -> list[Result]:
+    """Every configuration `repeats` times, alternating: repeat r runs them all, rotated by r.
+
+    Each finished run is one line, through the bar (`progress`) or else `log`: a bench can
+    take an hour, and a log file shows no bar.
+    """
     jobs = plan(config)
     runs: dict[tuple, list[Measurement]] = {job.key: [] for job in jobs}
-    with tqdm(total=len(jobs) * config.repeats, unit="run", disable=not progress) as bar:
+    total, done = len(jobs) * config.repeats, 0
+    with tqdm(total=total, unit="run", disable=not progress) as bar:
         for repeat in range(config.repeats):
             shift = repeat % len(jobs)  # no configuration always runs first (warm caches, turbo)
             for job in jobs[shift:] + jobs[:shift]:
                 bar.set_description(f"{job.engine} {job.policy} b{job.batch}")
-                runs[job.key].append(runner(job))
+                run = runner(job)
+                runs[job.key].append(run)
                 bar.update(1)
+                done += 1
+                line = (f"run {done}/{total}: {job.engine} {job.policy} batch {job.batch}: "
+                        f"{run.seconds:.1f} s, {run.images_per_s:.4g} images/s, "
+                        f"{run.step_ms:.1f} ms/step")
+                (bar.write if progress else log)(line)
     results = [Result.from_runs(job, runs[job.key]) for job in jobs]
     ratio_table(results)
     return results
