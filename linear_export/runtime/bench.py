@@ -252,17 +252,16 @@ def measure(config: BenchConfig, runner: Callable[[Job], Measurement] = run_chil
     """
     jobs = plan(config)
     runs: dict[tuple, list[Measurement]] = {job.key: [] for job in jobs}
-    total, done = len(jobs) * config.repeats, 0
+    total = len(jobs) * config.repeats
     with tqdm(total=total, unit="run", disable=not progress) as bar:
         for repeat in range(config.repeats):
             shift = repeat % len(jobs)  # no configuration always runs first (warm caches, turbo)
-            for job in jobs[shift:] + jobs[:shift]:
+            for index, job in enumerate(jobs[shift:] + jobs[:shift], repeat * len(jobs) + 1):
                 bar.set_description(f"{job.engine} {job.policy} b{job.batch}")
                 run = runner(job)
                 runs[job.key].append(run)
                 bar.update(1)
-                done += 1
-                line = (f"run {done}/{total}: {job.engine} {job.policy} batch {job.batch}: "
+                line = (f"run {index}/{total}: {job.engine} {job.policy} batch {job.batch}: "
                         f"{run.seconds:.1f} s, {run.images_per_s:.4g} images/s, "
                         f"{run.step_ms:.1f} ms/step")
                 (bar.write if progress else log)(line)
